@@ -20,8 +20,6 @@ DATASETS = ("ham10000", "ph2", "isic2017", "isic2019", "isic2020")
 TASKS = ("melanoma_vs_nevus", "malignant_vs_benign", "melanoma_vs_rest",
          "sk_vs_rest", "all")
 SPLIT_SCHEMES = ("75/12.5/12.5", "80/20")
-BACKBONES = ("vgg16", "resnet50", "densenet121", "densenet169", "efficientnetb3",
-             "tiny_vgg", "tiny_resnet", "tiny_densenet", "tiny_efficientnet")
 NORMALIZATIONS = ("unit", "backbone", "imagenet_caffe", "imagenet_torch", "raw")
 LOSS_WEIGHTINGS = ("none", "dataset", "batch")
 PARALLELISMS = ("pmap", "shard_map")
@@ -162,7 +160,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("dataset", DATASETS)
   one_of("task", TASKS)
   one_of("split_scheme", SPLIT_SCHEMES)
-  one_of("backbone", BACKBONES)
+  from comtriplet_jax import models  # pylint: disable=g-import-not-at-top
+  one_of("backbone", models.BACKBONES)
   one_of("normalization", NORMALIZATIONS)
   one_of("loss_weighting", LOSS_WEIGHTINGS)
   one_of("parallelism", PARALLELISMS)
