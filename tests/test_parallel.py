@@ -118,3 +118,34 @@ def test_sharded_outputs_come_back_in_device_order():
     x = np.arange(8, dtype=np.float32).reshape(4, 2)
     out = par.local_outputs(f(par.shard_batch(x)))["y"]
     np.testing.assert_allclose(out, x * 2 + np.arange(4)[:, None])
+
+
+def test_loss_with_cross_device_counts_gives_the_global_gradient():
+  # Per-batch class weights are counted over the global batch with lax.psum
+  # inside the loss; averaging gradients with pmean must then give exactly the
+  # gradient of the single-device loss on the whole batch.
+  from comtriplet_jax import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(8, 5)).astype(np.float32)
+  y = np.array([0, 0, 0, 1, 0, 0, 1, 0], np.int32)
+  w = rng.normal(size=(5, 2)).astype(np.float32)
+
+  def grad_step(w, batch):
+    def loss_fn(w):
+      return losses.weighted_cross_entropy(batch["x"] @ w, batch["y"],
+                                           weighting="batch",
+                                           axis_name=parallel.AXIS)
+    loss, g = jax.value_and_grad(loss_fn)(w)
+    return parallel.pmean(g), parallel.pmean(loss)
+
+  results = []
+  for mode, n in (("pmap", 1), ("pmap", 4), ("shard_map", 4)):
+    par = parallel.DataParallel(mode, devices=jax.devices()[:n])
+    f = par.map(grad_step, sharded_argnums=(1,))
+    batch = {"x": x.reshape(n, -1, 5), "y": y.reshape(n, -1)}
+    g, loss = f(par.replicate(w), par.shard_batch(batch))
+    results.append((par.unreplicate(g), float(par.unreplicate(loss))))
+  for g, loss in results[1:]:
+    np.testing.assert_allclose(g, results[0][0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(loss, results[0][1], rtol=1e-6)
+  assert np.isfinite(results[0][1])

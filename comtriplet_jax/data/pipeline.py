@@ -111,6 +111,10 @@ class Datasets:
     num_examples: split name -> number of examples (all processes).
     split_group_ids: split name -> set of group ids in it.
     eval_steps: split name -> batches per process in one pass.
+    train_examples: this process's training examples, finite, unshuffled and
+      cached like ``train``: ``{'image', 'label', 'index'}`` per example, for
+      methods that sample their own batches (SDC's triplets).
+    train_labels: [n_local] task labels of ``train_examples``, in its order.
   """
   train: tf.data.Dataset
   eval: dict[str, tf.data.Dataset]
@@ -121,6 +125,8 @@ class Datasets:
   num_examples: dict[str, int]
   split_group_ids: dict[str, set[str]]
   eval_steps: dict[str, int]
+  train_examples: tf.data.Dataset
+  train_labels: np.ndarray
 
 
 # --- reading -----------------------------------------------------------------
@@ -393,6 +399,7 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
     raise ValueError(f"process {process_index} of {process_count} has no "
                      f"training example: the training split has only "
                      f"{plan.rows[splits.TRAIN].size}")
+  train_examples = _deterministic(train)
   local_batch = batch_size // process_count
   train = (train.shuffle(shuffle_buffer_size or num_local_train,
                          seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -437,7 +444,10 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
       num_examples={name: int(rows.size) for name, rows in plan.rows.items()},
       split_group_ids={name: set(metadata.group_ids[rows].tolist())
                        for name, rows in plan.rows.items()},
-      eval_steps=eval_steps)
+      eval_steps=eval_steps,
+      train_examples=train_examples,
+      train_labels=plan.task_labels[
+          np.sort(plan.rows[splits.TRAIN][process_index::process_count])])
 
 
 def create_datasets(*, dataset: str, task: str, split_scheme: str,

@@ -1,0 +1,417 @@
+"""The one training loop: state, step, evaluation, checkpoints and logging.
+
+Read top to bottom: :class:`TrainState`; the per-device train and predict steps;
+evaluation of a split; checkpoint helpers; :func:`train_and_evaluate`, which ties
+them together for any method of ``comtriplet_jax.methods``.
+
+Determinism and resumption: every random number comes from ``config.seed`` folded
+with the step and the device index, and the training stream is a pure function of
+``(config.seed, step)``; a run killed at any moment restarts from its latest orbax
+checkpoint and continues the same stream, so it ends with the same parameters as a
+run that was never interrupted.
+
+Non-finite losses: the step applies an update only when the loss and every
+gradient are finite (otherwise it keeps the previous state and counts the step
+in the ``nonfinite`` metric); the host checks that count at each log and
+checkpoint and stops with :class:`NonFiniteLossError`, so no checkpoint ever holds
+a state produced by a NaN or infinite update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from comtriplet_jax import configlib
+from comtriplet_jax import parallel
+from comtriplet_jax.data import pipeline
+from comtriplet_jax.evaluation import metrics as metrics_lib
+from comtriplet_jax import methods
+from comtriplet_jax.methods import base
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when training produced a NaN or infinite loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  method_state: PyTree
+
+  def variables(self) -> dict[str, PyTree]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the paper's settings (beta1 0.9, beta2 0.99, eps 1e-7 by default)."""
+  return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                    eps=config.adam_eps)
+
+
+# ---------------------------------------------------------------------- steps
+def make_train_step(method: base.Method, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable:
+  """The per-device train step ``(state, batch, rng) -> (state, metrics)``."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    rng = parallel.device_rng(rng, state.step)
+
+    def loss_fn(params):
+      return method.loss(params, state.batch_stats, state.method_state, batch, rng,
+                         step=state.step)
+
+    (loss, (batch_stats, step_metrics, aux)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = parallel.pmean(grads)
+    if not config.sync_batch_norm:
+      batch_stats = parallel.pmean(batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    method_state = method.update_state(state.method_state, aux)
+    step_metrics = parallel.pmean(dict(step_metrics, loss=loss))
+
+    finite = jnp.isfinite(step_metrics["loss"])
+    for g in jax.tree.leaves(grads):
+      finite &= jnp.all(jnp.isfinite(g))
+    keep = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        method_state=keep(method_state, state.method_state))
+    step_metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, step_metrics
+
+  return train_step
+
+
+def make_predict_step(method: base.Method) -> Callable:
+  def predict_step(state: TrainState, batch: dict[str, jax.Array]):
+    return method.predict(state.variables(), state.method_state, batch["image"])
+  return predict_step
+
+
+# ----------------------------------------------------------------- evaluation
+def evaluate(p_predict: Callable, state: TrainState, dataset, labels: np.ndarray,
+             par: parallel.DataParallel, num_classes: int) -> dict[str, Any]:
+  """Scores every example of a split exactly once and computes its metrics."""
+  scores, predictions, indices = [], [], []
+  for batch in dataset.as_numpy_iterator():
+    out = par.local_outputs(p_predict(state, par.shard_batch({"image": batch["image"]})))
+    mask = np.asarray(batch["mask"]).reshape(-1)
+    n = mask.size
+    scores.append(np.asarray(out["scores"]).reshape((n,) + out["scores"].shape[2:])[mask])
+    predictions.append(np.asarray(out["predictions"]).reshape(n)[mask])
+    indices.append(np.asarray(batch["index"]).reshape(n)[mask])
+  scores = np.concatenate(scores)
+  predictions = np.concatenate(predictions)
+  indices = np.concatenate(indices)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    scores, predictions, indices = (
+        np.concatenate(list(multihost_utils.process_allgather(a)))
+        for a in (scores, predictions, indices))
+  order = np.argsort(indices, kind="stable")
+  if not np.array_equal(indices[order], np.arange(labels.size)):
+    raise RuntimeError(
+        f"evaluation scored {indices.size} examples but the split has {labels.size}; "
+        "every example must be scored exactly once")
+  return metrics_lib.classification_metrics(
+      labels, predictions[order], scores[order], num_classes=num_classes)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _checkpoint_manager(directory: pathlib.Path, max_to_keep: int
+                        ) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def _to_host(state: TrainState, par: parallel.DataParallel) -> TrainState:
+  return par.unreplicate(state)
+
+
+def load_backbone_variables(init_from: str, backbone: str) -> dict[str, PyTree]:
+  """Backbone ``{'params', 'batch_stats'}`` from an orbax checkpoint directory.
+
+  ``init_from='imagenet'`` looks for converted ImageNet weights at
+  ``$COMTRIPLET_WEIGHTS_DIR/<backbone>`` (default ``~/.cache/comtriplet_jax/weights``).
+  """
+  if init_from == "imagenet":
+    root = pathlib.Path(os.environ.get(
+        "COMTRIPLET_WEIGHTS_DIR", "~/.cache/comtriplet_jax/weights")).expanduser()
+    path = root / backbone
+    if not path.exists():
+      raise FileNotFoundError(
+          f"ImageNet weights for backbone {backbone!r} were not found at {path}. "
+          "Convert the Keras Applications weights into that folder first (see "
+          "README, 'Transfer learning'), or set COMTRIPLET_WEIGHTS_DIR, or use "
+          "config.init_from=PATH / strategy=NP.")
+  else:
+    path = pathlib.Path(init_from).expanduser()
+    if not path.exists():
+      raise FileNotFoundError(f"config.init_from={init_from!r}: no such checkpoint")
+  restored = ocp.StandardCheckpointer().restore(path.absolute())
+  if "params" not in restored:
+    raise ValueError(f"checkpoint {path} has no 'params' entry: not backbone variables")
+  return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+
+
+def _merge_backbone(variables: dict[str, PyTree], loaded: dict[str, PyTree],
+                    backbone: str) -> dict[str, PyTree]:
+  """Puts loaded backbone variables into the model's 'backbone' subtree."""
+  out = {}
+  for collection in ("params", "batch_stats"):
+    target = variables[collection].get("backbone", {})
+    source = loaded.get(collection, {})
+    t_flat = flax.traverse_util.flatten_dict(target, sep="/")
+    s_flat = flax.traverse_util.flatten_dict(source, sep="/")
+    missing = sorted(set(t_flat) - set(s_flat))
+    unexpected = sorted(set(s_flat) - set(t_flat))
+    wrong = sorted(k for k in set(t_flat) & set(s_flat)
+                   if np.shape(t_flat[k]) != np.shape(s_flat[k]))
+    if missing or unexpected or wrong:
+      raise ValueError(
+          f"init_from weights do not fit backbone {backbone!r} ({collection}): "
+          f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch "
+          f"{[(k, np.shape(s_flat[k]), np.shape(t_flat[k])) for k in wrong[:5]]}")
+    merged = dict(variables[collection])
+    if t_flat:
+      merged["backbone"] = flax.traverse_util.unflatten_dict(
+          {k: jnp.asarray(v, t_flat[k].dtype) for k, v in s_flat.items()}, sep="/")
+    out[collection] = merged
+  return out
+
+
+# ----------------------------------------------------------------------- loop
+@dataclasses.dataclass
+class _Best:
+  step: int = -1
+  value: float = -math.inf
+  metrics: dict[str, Any] | None = None
+
+
+def _write_json(path: pathlib.Path, payload: Any) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+  os.replace(tmp, path)
+
+
+def _selection_value(metrics: dict[str, Any], name: str) -> float:
+  if name not in metrics:
+    raise ValueError(f"config.selection_metric={name!r} is not among the evaluation "
+                     f"metrics: {sorted(k for k in metrics if k != 'confusion_matrix')}")
+  value = float(metrics[name])
+  return -math.inf if math.isnan(value) else value
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict[str, Any]:
+  """Trains ``config.method``, selects on validation, reports validation and test.
+
+  Returns the final metrics ``{'validation': ..., 'test': ..., 'best_step': ...}``,
+  also written to ``<workdir>/results.json``.
+  """
+  configlib.validate(config)
+  method_cls = methods.get_method(config.method)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(
+      str(workdir), just_logging=not is_chief, asynchronous=False)
+  par = parallel.DataParallel(config.parallelism)
+  if config.batch_size % par.num_devices:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                     f"number of devices ({par.num_devices})")
+  if config.eval_batch_size % par.num_devices:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be "
+                     f"divisible by the number of devices ({par.num_devices})")
+
+  data = pipeline.create_datasets(
+      dataset=config.dataset, task=config.task, split_scheme=config.split_scheme,
+      split_seed=config.split_seed, image_size=config.image_size,
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      num_local_devices=par.num_local_devices,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      data_dir=config.tfds_data_dir or None, manual_dir=config.manual_dir or None,
+      train_class_counts=config.train_class_counts, val_fraction=config.val_fraction,
+      cache=config.cache_images, shuffle_seed=config.seed)
+  logging.info("data: %s, task %s, classes %s, examples %s, train class counts %s",
+               config.dataset, config.task, data.class_names, data.num_examples,
+               data.train_class_counts.tolist())
+
+  steps_per_epoch = max(1, data.num_examples["train"] // config.batch_size)
+  method = method_cls(config, num_classes=data.num_classes,
+                      train_class_counts=data.train_class_counts,
+                      steps_per_epoch=steps_per_epoch)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  variables, method_state = method.init(init_rng, config.image_size)
+  if config.init_from:
+    variables = _merge_backbone(
+        variables, load_backbone_variables(config.init_from, config.backbone),
+        config.backbone)
+  tx = create_optimizer(config)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     batch_stats=variables["batch_stats"],
+                     opt_state=tx.init(variables["params"]), method_state=method_state)
+  if is_chief:
+    parameter_overview.log_parameter_overview(state.params)
+
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                else eval_every)
+
+  ckpt = _checkpoint_manager(workdir / "checkpoints", config.max_checkpoints_to_keep)
+  best_ckpt = _checkpoint_manager(workdir / "best_checkpoint", 1)
+  best = _Best()
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(state))
+    best_file = workdir / "best.json"
+    if best_file.exists():
+      best = _Best(**json.loads(best_file.read_text()))
+    logging.info("resumed from checkpoint at step %d", int(state.step))
+  start_step = int(state.step)
+
+  p_train = par.map(make_train_step(method, tx, config), sharded_argnums=(1,),
+                    donate_argnums=(0,))
+  p_predict = par.map(make_predict_step(method), sharded_argnums=(1,),
+                      sharded_out=True)
+  state = par.replicate(state)
+  train_rng = par.replicate(train_rng)
+
+  def evaluate_split(split: str, state) -> dict[str, Any]:
+    return evaluate(p_predict, state, data.eval[split], data.eval_labels[split], par,
+                    data.num_classes)
+
+  def save(state, step: int) -> None:
+    ckpt.save(step, args=ocp.args.StandardSave(_to_host(state, par)))
+
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  hooks = [report] if is_chief else []
+  train_iter: Iterator = method.train_stream(data, start_step)
+  pending: list[dict[str, jax.Array]] = []
+  last_log = time.perf_counter()
+  last_log_step = start_step
+  logging.info("training %s for %d steps (%d per epoch) from step %d on %d devices",
+               config.method, num_steps, steps_per_epoch, start_step, par.num_devices)
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = par.shard_batch(next(train_iter))
+        state, step_metrics = p_train(state, batch, train_rng)
+        pending.append(step_metrics)
+      for hook in hooks:
+        hook(step)
+      is_last = step == num_steps
+      if step % config.log_every_steps == 0 or is_last or step % ckpt_every == 0:
+        summary = _summarise(pending, par)
+        pending = []
+        if summary["nonfinite"] > 0:
+          ckpt.wait_until_finished()
+          raise NonFiniteLossError(
+              f"non-finite loss or gradient by step {step}: training stopped. The "
+              f"last good checkpoint (step {ckpt.latest_step()}) is kept in "
+              f"{workdir / 'checkpoints'}; lower config.learning_rate or check the data.")
+        now = time.perf_counter()
+        steps_per_s = (step - last_log_step) / max(now - last_log, 1e-9)
+        summary["steps_per_sec"] = steps_per_s
+        summary["images_per_sec"] = steps_per_s * config.batch_size
+        last_log, last_log_step = now, step
+        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        logging.info("step %d/%d: loss %.4f, %.2f steps/s, %.1f images/s, %s left",
+                     step, num_steps, summary["loss"], steps_per_s,
+                     summary["images_per_sec"],
+                     _format_seconds((num_steps - step) / max(steps_per_s, 1e-9)))
+      if step % eval_every == 0 or is_last:
+        with report.timed("eval"):
+          val = evaluate_split("validation", state)
+        writer.write_scalars(step, {f"validation/{k}": v
+                                    for k, v in metrics_lib.scalar_metrics(val).items()})
+        value = _selection_value(val, config.selection_metric)
+        logging.info("step %d validation: %s %.4f", step, config.selection_metric, value)
+        if value > best.value or best.step < 0:
+          best = _Best(step=step, value=value, metrics=val)
+          best_ckpt.save(step, args=ocp.args.StandardSave(_to_host(state, par)),
+                         force=True)
+          best_ckpt.wait_until_finished()
+          if is_chief:
+            _write_json(workdir / "best.json", dataclasses.asdict(best))
+      if step % ckpt_every == 0 or is_last:
+        save(state, step)
+  finally:
+    # An interrupted run (an exception, Ctrl-C) still commits the checkpoint it
+    # was writing; a killed one leaves a temporary folder that orbax ignores.
+    ckpt.wait_until_finished()
+    best_ckpt.wait_until_finished()
+
+  # Final report with the model selected on validation, never on test.
+  host_state = _to_host(state, par)
+  if best_ckpt.latest_step() is not None:
+    host_state = best_ckpt.restore(best_ckpt.latest_step(),
+                                   args=ocp.args.StandardRestore(host_state))
+  final_state = par.replicate(host_state)
+  results = {
+      "best_step": best.step,
+      "selection_metric": config.selection_metric,
+      "validation": evaluate_split("validation", final_state),
+      "test": evaluate_split("test", final_state),
+      "num_train_steps": num_steps,
+      "class_names": list(data.class_names),
+      "num_examples": {k: int(v) for k, v in data.num_examples.items()},
+  }
+  for split in ("validation", "test"):
+    writer.write_scalars(num_steps, {f"final_{split}/{k}": v for k, v in
+                                     metrics_lib.scalar_metrics(results[split]).items()})
+  writer.flush()
+  if is_chief:
+    results.update(method.report(final_state, data, par, workdir, p_predict))
+    _write_json(workdir / "results.json", results)
+  logging.info("final (best step %d): validation %s %.4f, test %s %.4f", best.step,
+               config.selection_metric, results["validation"].get(config.selection_metric, math.nan),
+               config.selection_metric, results["test"].get(config.selection_metric, math.nan))
+  ckpt.close()
+  best_ckpt.close()
+  return results
+
+
+def _summarise(pending: list[dict[str, jax.Array]], par: parallel.DataParallel
+               ) -> dict[str, float]:
+  """Means of the step metrics since the last log; ``nonfinite`` is summed."""
+  host = [par.unreplicate(m) for m in pending]
+  out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  out["nonfinite"] = float(np.sum([m["nonfinite"] for m in host]))
+  return out
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
