@@ -46,7 +46,7 @@ def test_runlocal_and_overrides():
   assert config.backbone == "resnet50" and config.image_size == 96
   assert config.num_train_steps > 0
   config = load_config("classifier", "runlocal")
-  assert config.backbone.startswith("tiny_")
+  assert config.backbone == "small_resnet"
   configlib.validate(config)
 
 
