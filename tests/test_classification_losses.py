@@ -262,7 +262,9 @@ def test_batch_weighting_under_pmap_equals_the_global_batch():
   assert abs(np.mean(local) - expected_value) > 1e-3
 
 
-def test_batch_weighting_under_shard_map_equals_the_global_batch():
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_batch_weighting_under_shard_map_equals_the_global_batch(check_vma):
+  # check_vma=False is what comtriplet_jax.parallel uses (pmap's autodiff).
   x, w, labels, mask = _sharded_problem()
   mesh = jax.make_mesh((4,), ("data",))
   sharded = NamedSharding(mesh, P("data"))
@@ -270,7 +272,7 @@ def test_batch_weighting_under_shard_map_equals_the_global_batch():
           for a in (x, labels, mask)]
   step = jax.jit(jax.shard_map(_device_step, mesh=mesh,
                                in_specs=(P(), P("data"), P("data"), P("data")),
-                               out_specs=(P(), P())))
+                               out_specs=(P(), P()), check_vma=check_vma))
   value, grad = step(w, *flat)
   host = [np.asarray(a) for a in flat]
   expected_value, expected_grad = jax.value_and_grad(_global_loss)(w, *host)

@@ -19,11 +19,12 @@ Data parallelism. With ``axis_name`` (inside ``jax.pmap`` or ``jax.shard_map``)
 the batch class counts, the weighted sum and the count of valid examples are
 summed over devices with ``lax.psum``: every device returns the loss of the
 global batch, equal to what one device computes on the concatenated batch. Its
-gradient is right under both: ``lax.pmean`` of the per-device gradients (what the
-training loop does) equals the gradient of the global loss. Under pmap, psum
-transposes to psum, so each device's gradient is (devices x its share); under
-shard_map the gradient with respect to replicated parameters is already the
-global one. Both are tested.
+gradient is right too: ``lax.pmean`` of the per-device gradients (what the
+training loop does) equals the gradient of the global loss. Under pmap (and
+shard_map with ``check_vma=False``) psum transposes to psum, so each device's
+gradient is (devices x its share); under shard_map with ``check_vma=True`` the
+gradient with respect to replicated parameters is already the global one. All
+three are tested.
 """
 
 from __future__ import annotations

@@ -1,0 +1,538 @@
+"""Gaussian mixture EM in JAX (COM-Triplet paper Eq. 8-11), as careful as scikit-learn.
+
+The unsupervised deep clustering (UDC) of the COM-Triplet paper fits a two-component
+mixture (Eq. 8, 9) to the 3M = 45 embeddings of each batch by maximum likelihood
+(Eq. 10) and reads pseudo-labels off the responsibilities (Eq. 11), inside the
+jitted training step. `fit_gmm` is that fit: one ``lax.while_loop`` of EM, jit-able
+with static ``n_components``/``covariance_type`` and vmap-able over independent
+problems.
+
+What it computes is scikit-learn's ``GaussianMixture`` (1.9):
+
+* M-step (``_estimate_gaussian_parameters``): N_k = sum_i r_ik + 10 eps,
+  mu_k = sum_i r_ik x_i / N_k, Sigma_k = sum_i r_ik (x_i - mu_k)(x_i - mu_k)^T / N_k
+  + reg_covar I (diag: the diagonal of that), weights N_k / sum N_k;
+* E-step: log N(x | mu_k, Sigma_k) from a Cholesky factor, log r_ik by logsumexp;
+* the lower bound is the mean over points of log sum_k pi_k N(x_i | mu_k, Sigma_k)
+  of the E-step, and EM stops after iteration t when |lb_t - lb_{t-1}| < tol;
+* initialisation: responsibilities one-hot on k-means labels (weights N_k / n), or
+  the given weights, means and precisions (Cholesky of the precisions as
+  ``_compute_precision_cholesky_from_precisions``);
+* a final E-step gives the returned responsibilities, so they belong to the
+  returned parameters (``fit_predict``).
+
+In float64 the parameters after every iteration equal scikit-learn's to round-off.
+
+Robustness where float32 breaks
+-------------------------------
+UDC fits n = 45 points in S = 128..1024 dimensions. With n <= S every component's
+scatter matrix is singular and Sigma_k = scatter + 1e-6 I has a condition number of
+about (largest variance) / 1e-6. Forming Sigma_k in float32 commits errors of order
+eps * (largest variance) ~ 1e-7 * variance, as large as the 1e-6 that is supposed to
+make it positive definite, so a Cholesky factorisation of it fails or returns
+log-determinants that are noise (scikit-learn raises on such float32 input, a naive
+JAX port returns NaN). This implementation never factors that matrix:
+
+1. *Centring.* The data are centred at their mean before anything else (EM is
+   translation-equivariant), so no precision is spent on a common offset. The
+   one visible difference from scikit-learn: the 10 eps added to N_k shrinks an
+   empty component's mean towards the data mean instead of towards the origin.
+2. *Square-root factorisation.* The upper Cholesky factor R_k of Sigma_k is taken
+   as the R factor of a QR factorisation of the stacked matrix
+   [sqrt(r_ik / N_k) (x_i - mu_k)  (n rows); sqrt(reg) I], whose Gram matrix is
+   exactly Sigma_k. Orthogonal factorisation perturbs the singular values of that
+   matrix by ~eps times the largest, i.e. it works on square roots: the smallest
+   one, sqrt(reg) = 1e-3, survives float32 intact where forming the product
+   would lose it. Coinciding points are no special case (their rows are zero and
+   the factor is sqrt(reg) I there), and neither is an emptied component.
+   Mahalanobis distances come from triangular solves with R_k, log-determinants
+   from its diagonal, ``precisions_cholesky`` = R_k^{-1} (upper triangular, as
+   scikit-learn's).
+3. *Subspace (2n <= S).* All centred points and all means lie in the span of the
+   centred data, an r = n dimensional subspace with orthonormal basis Q from a QR
+   factorisation X_c^T = Q T, in which the points have coordinates T^T (a
+   rotation: distances and inner products unchanged). In a basis [Q, Q_perp],
+   Sigma_k = blockdiag(C_k + reg I_r, reg I_{S-r}), so
+   log|Sigma_k| = log|C_k + reg I_r| + (S - r) log reg and the training points'
+   Mahalanobis distances only see the r x r block. EM therefore runs on r x r
+   factors (point 2 in r dimensions) - exact in exact arithmetic, and O(n^3)
+   instead of O(n S^2) per step. The S-dimensional outputs are formed once at
+   the end (point 2 in S dimensions).
+4. *Which algebra when.* 'full' covariances use point 3 when 2n <= S; point 2 in
+   S dimensions when n <= S < 2n in float32 (every component is rank deficient;
+   the final outputs reuse the last factor); otherwise scikit-learn's M-step
+   (covariance by a matrix product, Cholesky factorisation), whose pivots are
+   checked: if any is non-finite or its square is below 1e3 eps times its
+   diagonal entry (the pivot has lost its digits, e.g. a component with fewer
+   points than dimensions), that M-step is redone by point 2. In float64 the
+   check essentially never fires on data scikit-learn can fit, so the result is
+   scikit-learn's to round-off.
+5. *E-step.* Log-responsibilities are (w_ik - max_k w_ik) - log sum_k exp(.),
+   so an emptied component gets responsibility exactly 0, not NaN, and with
+   log-densities in the thousands (n < S) no digits are lost to subtracting a
+   large logsumexp. N_k >= 10 eps (as scikit-learn) keeps weights and means
+   finite.
+6. The diagonal model uses the centred form sum_i r_ik (x_ij - mu_kj)^2 / N_k + reg
+   (never E[x^2] - mu^2), which is >= reg by construction.
+
+Matrix products use ``Precision.HIGHEST`` so that accelerators do not drop to
+TF32/bfloat16 passes in this numerically sensitive code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from comtriplet_jax.clustering import kmeans as kmeans_lib
+
+_HIGHEST = lax.Precision.HIGHEST
+_COVARIANCE_TYPES = ("full", "diag")
+_INITS = ("kmeans", "given")
+# A Cholesky pivot whose square is below this many eps times its diagonal entry
+# has lost (almost) all its digits to round-off: redo that M-step by QR.
+_PIVOT_EPS_FACTOR = 1e3
+
+
+class GMMResult(NamedTuple):
+  """A fitted Gaussian mixture (a pytree; fields batch under vmap).
+
+  Attributes:
+    weights: [K] mixture weights h_k of Eq. 8.
+    means: [K, S] component means mu_k.
+    covariances: [K, S, S] ('full') or [K, S] ('diag') covariances Sigma_k,
+      reg_covar included.
+    precisions_cholesky: same shape: the upper-triangular U_k with
+      U_k U_k^T = Sigma_k^{-1} ('full'), or 1 / sqrt(Sigma_k) ('diag'), as
+      scikit-learn's ``precisions_cholesky_``.
+    responsibilities: [n, K] r_ik of Eq. 11 for the fitted points under the
+      returned parameters.
+    lower_bound: [] mean log-likelihood of the last EM iteration (scikit-learn's
+      ``lower_bound_``).
+    n_iter: [] int32 EM iterations run.
+    converged: [] bool, whether |change of lower bound| < tol was reached.
+  """
+  weights: jax.Array
+  means: jax.Array
+  covariances: jax.Array
+  precisions_cholesky: jax.Array
+  responsibilities: jax.Array
+  lower_bound: jax.Array
+  n_iter: jax.Array
+  converged: jax.Array
+
+
+def _eps(dtype) -> float:
+  return float(jnp.finfo(dtype).eps)
+
+
+def _dot(spec: str, *operands: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
+def _log_2pi_term(n_features: int) -> float:
+  return n_features * math.log(2.0 * math.pi)
+
+
+def _positive_diagonal(r: jax.Array) -> jax.Array:
+  """Flip rows of [..., m, m] upper-triangular R so its diagonal is >= 0."""
+  d = jnp.diagonal(r, axis1=-2, axis2=-1)
+  sign = jnp.where(d < 0, -1.0, 1.0).astype(r.dtype)
+  return r * sign[..., :, None]
+
+
+def _sqrt_factor(rows: jax.Array, reg_covar: jax.Array) -> jax.Array:
+  """Upper-triangular R, R^T R = rows^T rows + reg I, by QR; [..., m, d] -> [..., d, d].
+
+  The stacked matrix [rows; sqrt(reg) I] has that Gram matrix exactly; QR acts on
+  it directly (see point 2 of the module docstring).
+  """
+  d = rows.shape[-1]
+  eye = jnp.broadcast_to(jnp.sqrt(reg_covar).astype(rows.dtype) * jnp.eye(d, dtype=rows.dtype),
+                         rows.shape[:-2] + (d, d))
+  r = jnp.linalg.qr(jnp.concatenate([rows, eye], axis=-2), mode="r")
+  return _positive_diagonal(r)
+
+
+def _weighted_rows(resp: jax.Array, nk: jax.Array, x: jax.Array,
+                   means: jax.Array) -> jax.Array:
+  """[K, n, d] rows sqrt(r_ik / N_k) (x_i - mu_k): their Gram is the scatter / N_k."""
+  scale = jnp.sqrt(resp.T / nk[:, None])                        # [K, n]
+  return scale[:, :, None] * (x[None, :, :] - means[:, None, :])
+
+
+def _gaussian_statistics(x, resp, eps):
+  """N_k (with scikit-learn's 10 eps) and means; x [n, d], resp [n, K]."""
+  nk = jnp.sum(resp, axis=0) + 10.0 * eps
+  means = _dot("nk,nd->kd", resp, x) / nk[:, None]
+  return nk, means
+
+
+def _e_step(log_gauss: jax.Array, log_weights: jax.Array):
+  """Mean log-likelihood (the lower bound) and [n, K] log-responsibilities.
+
+  logsumexp written out so that log r_ik = (w_ik - max_k w_ik) - log sum_k exp(.):
+  with n < S the log-densities are in the thousands, and subtracting the full
+  logsumexp from them would cost float32 ~1e-4 of the responsibilities' digits.
+  """
+  weighted = log_gauss + log_weights[None, :]
+  top = lax.stop_gradient(jnp.max(weighted, axis=1, keepdims=True))
+  shifted = weighted - top
+  log_sum = jnp.log(jnp.sum(jnp.exp(shifted), axis=1, keepdims=True))
+  return jnp.mean(top + log_sum), shifted - log_sum
+
+
+def _log_gauss_triangular(x, means, upper_factor, n_features):
+  """log N(x_i | mu_k, R_k^T R_k) for upper-triangular R_k: [n, K].
+
+  x [n, d], means [K, d], upper_factor [K, d, d]; ``n_features`` is the ambient
+  dimension S used for the normalising constant.
+  """
+  diff = jnp.swapaxes(x[None, :, :] - means[:, None, :], -1, -2)  # [K, d, n]
+  y = lax.linalg.triangular_solve(upper_factor, diff, left_side=True, lower=False,
+                                  transpose_a=True)
+  maha = jnp.sum(y * y, axis=1).T                                   # [n, K]
+  log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(upper_factor, axis1=-2, axis2=-1)), -1)
+  return -0.5 * (_log_2pi_term(n_features) + maha + log_det[None, :])
+
+
+def _log_gauss_precision_cholesky(x, means, prec_chol, covariance_type):
+  """scikit-learn's ``_estimate_log_gaussian_prob`` with U: [n, K]."""
+  n_features = x.shape[-1]
+  if covariance_type == "full":
+    diff = x[None, :, :] - means[:, None, :]                        # [K, n, S]
+    y = _dot("kns,kst->knt", diff, prec_chol)
+    maha = jnp.sum(y * y, axis=-1).T
+    log_det = jnp.sum(jnp.log(jnp.diagonal(prec_chol, axis1=-2, axis2=-1)), -1)
+  else:
+    maha = _dot("nks,ks->nk", (x[:, None, :] - means[None, :, :]) ** 2, prec_chol ** 2)
+    log_det = jnp.sum(jnp.log(prec_chol), axis=-1)
+  return -0.5 * (_log_2pi_term(n_features) + maha) + log_det[None, :]
+
+
+def _upper_inverse(r: jax.Array) -> jax.Array:
+  """R^{-1} for upper-triangular [K, d, d] R (the precision Cholesky of R^T R)."""
+  eye = jnp.broadcast_to(jnp.eye(r.shape[-1], dtype=r.dtype), r.shape)
+  return lax.linalg.triangular_solve(r, eye, left_side=True, lower=False)
+
+
+class _FullDirect:
+  """'full' covariances in the S feature dimensions (n > S / 2).
+
+  With ``square_root`` (float32 and n <= S: components are rank deficient) every
+  M-step factors by QR (point 2 of the module docstring); otherwise it is
+  scikit-learn's M-step, a Cholesky factorisation whose pivots are checked, with
+  the QR factorisation as fallback (point 4). Parameters: (means [K, S], upper
+  factor R_k [K, S, S] with R_k^T R_k = Sigma_k, covariances [K, S, S] or None).
+  """
+
+  def __init__(self, xc, reg_covar, square_root):
+    self.x = xc
+    self.reg = reg_covar
+    self.eps = _eps(xc.dtype)
+    self.n_features = xc.shape[1]
+    self.square_root = square_root
+
+  def m_step(self, resp):
+    nk, means = _gaussian_statistics(self.x, resp, self.eps)
+    rows = _weighted_rows(resp, nk, self.x, means)                   # [K, n, S]
+    if self.square_root:
+      # The covariances are only an output: formed once, in `finalize`.
+      return nk, (means, _sqrt_factor(rows, self.reg), None)
+    cov = _dot("kns,knt->kst", rows, rows) + self.reg * jnp.eye(
+        self.n_features, dtype=self.x.dtype)
+    lower = jnp.linalg.cholesky(cov)
+    pivots = jnp.diagonal(lower, axis1=-2, axis2=-1)
+    diag = jnp.diagonal(cov, axis1=-2, axis2=-1)
+    lost = ~jnp.all(jnp.isfinite(lower)) | jnp.any(
+        pivots * pivots < _PIVOT_EPS_FACTOR * self.eps * diag)
+    upper = lax.cond(lost, lambda: _sqrt_factor(rows, self.reg),
+                     lambda: jnp.swapaxes(lower, -1, -2))
+    return nk, (means, upper, cov)
+
+  def log_gauss(self, params):
+    means, upper, _ = params
+    return _log_gauss_triangular(self.x, means, upper, self.n_features)
+
+  def finalize(self, params, resp):
+    means, upper, cov = params
+    if cov is None:
+      nk = jnp.sum(resp, axis=0) + 10.0 * self.eps
+      rows = _weighted_rows(resp, nk, self.x, means)
+      cov = _dot("kns,knt->kst", rows, rows) + self.reg * jnp.eye(
+          self.n_features, dtype=self.x.dtype)
+    return means, cov, _upper_inverse(upper)
+
+
+class _FullSubspace:
+  """'full' covariances in the r = n dimensional span of the centred data (2n <= S).
+
+  Parameters: (means in subspace coordinates [K, r], upper factor R_k [K, r, r]
+  with R_k^T R_k = C_k + reg I_r). See point 3 of the module docstring. The
+  S-dimensional outputs are formed once, in `finalize`.
+  """
+
+  def __init__(self, xc, reg_covar):
+    self.x = xc
+    self.reg = reg_covar
+    self.eps = _eps(xc.dtype)
+    self.n_features = xc.shape[1]
+    # X_c^T = Q T with Q [S, r] orthonormal; the coordinates X_c Q are T^T, so Q
+    # itself is never needed (means and outputs are formed from x directly).
+    self.z = jnp.linalg.qr(xc.T, mode="r").T
+    self.rank = self.z.shape[1]
+
+  def m_step(self, resp):
+    nk, means = _gaussian_statistics(self.z, resp, self.eps)
+    upper = _sqrt_factor(_weighted_rows(resp, nk, self.z, means), self.reg)
+    return nk, (means, upper)
+
+  def log_gauss(self, params):
+    means, upper = params
+    # The (S - r) directions orthogonal to the data carry variance reg and no
+    # component of any training point.
+    outside = (self.n_features - self.rank) * jnp.log(self.reg)
+    return (_log_gauss_triangular(self.z, means, upper, self.n_features)
+            - 0.5 * outside)
+
+  def finalize(self, params, resp):
+    del params
+    nk, means = _gaussian_statistics(self.x, resp, self.eps)
+    rows = _weighted_rows(resp, nk, self.x, means)                   # [K, n, S]
+    eye = jnp.eye(self.n_features, dtype=self.x.dtype)
+    cov = _dot("kns,knt->kst", rows, rows) + self.reg * eye
+    return means, cov, _upper_inverse(_sqrt_factor(rows, self.reg))
+
+
+class _Diag:
+  """'diag' covariances. State: (means [K, S], variances [K, S])."""
+
+  def __init__(self, xc, reg_covar):
+    self.x = xc
+    self.reg = reg_covar
+    self.eps = _eps(xc.dtype)
+
+  def m_step(self, resp):
+    nk, means = _gaussian_statistics(self.x, resp, self.eps)
+    sq = (self.x[:, None, :] - means[None, :, :]) ** 2              # [n, K, S]
+    variances = _dot("nk,nks->ks", resp, sq) / nk[:, None] + self.reg
+    return nk, (means, variances)
+
+  def log_gauss(self, params):
+    means, variances = params
+    return _log_gauss_precision_cholesky(self.x, means, lax.rsqrt(variances), "diag")
+
+  def finalize(self, params, resp):
+    del resp
+    means, variances = params
+    return means, variances, lax.rsqrt(variances)
+
+
+def _precision_cholesky_from_precisions(precisions, covariance_type):
+  """scikit-learn's ``_compute_precision_cholesky_from_precisions``."""
+  if covariance_type == "diag":
+    return jnp.sqrt(precisions)
+  flipped = jnp.flip(precisions, axis=(-2, -1))
+  return jnp.flip(jnp.linalg.cholesky(flipped), axis=(-2, -1))
+
+
+def _check_inputs(x, n_components, covariance_type, init, key, weights_init,
+                  means_init, precisions_init, max_iter, reg_covar, n_kmeans_init):
+  if x.ndim != 2:
+    raise ValueError(f"x must be [n, S], got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be floating point, got {x.dtype}")
+  n, s = x.shape
+  if not isinstance(n_components, int) or n_components < 1:
+    raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+  if n < max(2, n_components):
+    raise ValueError(f"need n >= max(2, n_components={n_components}) points, got {n}")
+  if covariance_type not in _COVARIANCE_TYPES:
+    raise ValueError(f"covariance_type must be one of {_COVARIANCE_TYPES}, "
+                     f"got {covariance_type!r}")
+  if init not in _INITS:
+    raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+  if isinstance(max_iter, int) and max_iter < 1:
+    raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+  if isinstance(reg_covar, (int, float)) and reg_covar <= 0:
+    raise ValueError(f"reg_covar must be > 0, got {reg_covar}")
+  if not isinstance(n_kmeans_init, int) or n_kmeans_init < 1:
+    raise ValueError(f"n_kmeans_init must be a positive int, got {n_kmeans_init!r}")
+  given = (weights_init, means_init, precisions_init)
+  if init == "kmeans":
+    if key is None:
+      raise ValueError("init='kmeans' needs a PRNG key")
+    if any(g is not None for g in given):
+      raise ValueError("weights_init/means_init/precisions_init need init='given'")
+    return
+  if any(g is None for g in given):
+    raise ValueError("init='given' needs weights_init, means_init and precisions_init")
+  k = n_components
+  expected = {"weights_init": (k,), "means_init": (k, s),
+              "precisions_init": (k, s, s) if covariance_type == "full" else (k, s)}
+  for name, value in zip(expected, given):
+    if jnp.shape(value) != expected[name]:
+      raise ValueError(f"{name} must have shape {expected[name]}, got {jnp.shape(value)}")
+
+
+def fit_gmm(x: jax.Array, n_components: int, *, key: jax.Array | None = None,
+            covariance_type: str = "full", reg_covar: float | jax.Array = 1e-6,
+            tol: float | jax.Array = 1e-3, max_iter: int | jax.Array = 100,
+            init: str = "kmeans", weights_init: jax.Array | None = None,
+            means_init: jax.Array | None = None,
+            precisions_init: jax.Array | None = None,
+            n_kmeans_init: int = 1) -> GMMResult:
+  """Fits a Gaussian mixture by EM (Eq. 8-11), like scikit-learn's GaussianMixture.
+
+  Args:
+    x: [n, S] points (the 3M embeddings in UDC); float32 or float64.
+    n_components: K (static; 2 in the paper).
+    key: PRNG key for the k-means initialisation (needed for init='kmeans').
+    covariance_type: 'full' or 'diag' (static).
+    reg_covar: added to the covariance diagonals (paper and default: 1e-6).
+    tol: EM stops when the mean log-likelihood changes by less than ``tol``
+      between iterations (paper and default: 1e-3).
+    max_iter: maximum EM iterations, >= 1 (default 100; a traced value below 1
+      runs one iteration).
+    init: 'kmeans' (responsibilities one-hot on k-means labels, as scikit-learn)
+      or 'given' (static).
+    weights_init: [K] initial weights (init='given').
+    means_init: [K, S] initial means (init='given').
+    precisions_init: [K, S, S] ('full') or [K, S] ('diag') initial precisions,
+      i.e. inverse covariances (init='given').
+    n_kmeans_init: restarts of the initialising k-means (static; scikit-learn: 1).
+
+  Returns:
+    GMMResult. How float32 stays finite for n < S, coinciding points and emptied
+    components is described in the module docstring.
+
+  Raises:
+    ValueError: on bad shapes, dtypes or options.
+  """
+  x = jnp.asarray(x)
+  _check_inputs(x, n_components, covariance_type, init, key, weights_init,
+                means_init, precisions_init, max_iter, reg_covar, n_kmeans_init)
+  return _fit_gmm(x, n_components, key=key, covariance_type=covariance_type,
+                  reg_covar=reg_covar, tol=tol, max_iter=max_iter, init=init,
+                  weights_init=weights_init, means_init=means_init,
+                  precisions_init=precisions_init, n_kmeans_init=n_kmeans_init)
+
+
+@functools.partial(jax.jit, static_argnames=("n_components", "covariance_type", "init",
+                                             "n_kmeans_init"))
+def _fit_gmm(x, n_components, *, key, covariance_type, reg_covar, tol, max_iter, init,
+             weights_init, means_init, precisions_init, n_kmeans_init) -> GMMResult:
+  """The jitted body of `fit_gmm` (inputs already checked)."""
+  n, s = x.shape
+  dtype = x.dtype
+  reg_covar = jnp.asarray(reg_covar, dtype)
+  tol = jnp.asarray(tol, dtype)
+  offset = jnp.mean(x, axis=0)
+  xc = x - offset
+  if covariance_type == "diag":
+    model = _Diag(xc, reg_covar)
+  elif 2 * n <= s:
+    model = _FullSubspace(xc, reg_covar)
+  else:
+    # In float64 the normal equations keep ~10 digits even for singular scatter;
+    # in float32 they do not once a component has fewer points than dimensions.
+    model = _FullDirect(xc, reg_covar, square_root=n <= s and _eps(dtype) > 1e-10)
+
+  def m_step(resp):
+    nk, params = model.m_step(resp)
+    return nk / jnp.sum(nk), params
+
+  # E-step 1, from the initial parameters.
+  if init == "kmeans":
+    features = model.z if isinstance(model, _FullSubspace) else xc
+    labels = kmeans_lib.kmeans(key, features, n_components, n_init=n_kmeans_init).labels
+    resp0 = jax.nn.one_hot(labels, n_components, dtype=dtype)
+    nk0, params0 = model.m_step(resp0)
+    # scikit-learn's initial weights are N_k / n, not N_k / sum N_k.
+    lb1, log_resp1 = _e_step(model.log_gauss(params0), jnp.log(nk0 / n))
+  else:
+    prec_chol = _precision_cholesky_from_precisions(
+        jnp.asarray(precisions_init, dtype), covariance_type)
+    log_gauss0 = _log_gauss_precision_cholesky(
+        xc, jnp.asarray(means_init, dtype) - offset, prec_chol, covariance_type)
+    lb1, log_resp1 = _e_step(log_gauss0, jnp.log(jnp.asarray(weights_init, dtype)))
+
+  # State after t M-steps: the weights and parameters of M-step t, the
+  # responsibilities they were computed from, E-step t+1 (log_resp, lb_next) and
+  # lb_t, the lower bound scikit-learn reports after iteration t. Before the first
+  # M-step the parameters are placeholders of the right structure (max_iter >= 1
+  # guarantees they are overwritten) and lb_0 = -inf, so iteration 1 never
+  # converges, as in scikit-learn.
+  resp1 = jnp.exp(log_resp1)
+  placeholders = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                        jax.eval_shape(m_step, resp1))
+  weights, params = placeholders
+  state = dict(n_iter=jnp.asarray(0, jnp.int32), weights=weights, params=params,
+               resp_used=jnp.zeros_like(resp1), log_resp=log_resp1,
+               lb=jnp.asarray(-jnp.inf, dtype), lb_next=lb1,
+               converged=jnp.asarray(False))
+
+  # A traced max_iter cannot be checked in Python: run at least one iteration so
+  # the placeholders are always replaced.
+  max_iter = jnp.maximum(max_iter, 1)
+
+  def cond(state):
+    return (state["n_iter"] < max_iter) & ~state["converged"]
+
+  def body(state):
+    resp = jnp.exp(state["log_resp"])
+    weights, params = m_step(resp)
+    lb_next, log_resp = _e_step(model.log_gauss(params), jnp.log(weights))
+    lb = state["lb_next"]
+    return dict(n_iter=state["n_iter"] + 1, weights=weights, params=params,
+                resp_used=resp, log_resp=log_resp, lb=lb, lb_next=lb_next,
+                converged=jnp.abs(lb - state["lb"]) < tol)
+
+  state = lax.while_loop(cond, body, state)
+  means, covariances, precisions_cholesky = model.finalize(state["params"],
+                                                           state["resp_used"])
+  return GMMResult(
+      weights=state["weights"],
+      means=means + offset,
+      covariances=covariances,
+      precisions_cholesky=precisions_cholesky,
+      responsibilities=jnp.exp(state["log_resp"]),
+      lower_bound=state["lb"],
+      n_iter=state["n_iter"],
+      converged=state["converged"])
+
+
+def _result_log_prob(result: GMMResult, x: jax.Array) -> jax.Array:
+  if x.ndim != 2 or x.shape[1] != result.means.shape[-1]:
+    raise ValueError(f"x must be [n, {result.means.shape[-1]}], got shape {x.shape}")
+  covariance_type = "full" if result.covariances.ndim == 3 else "diag"
+  x = jnp.asarray(x, result.means.dtype)
+  # Centring at the mixture's mean offset keeps float32 differences small.
+  offset = jnp.mean(result.means, axis=0)
+  log_gauss = _log_gauss_precision_cholesky(
+      x - offset, result.means - offset, result.precisions_cholesky, covariance_type)
+  return log_gauss + jnp.log(result.weights)[None, :]
+
+
+@jax.jit
+def score_samples(result: GMMResult, x: jax.Array) -> jax.Array:
+  """[n] log-likelihood log sum_k h_k G_k(x_i) of Eq. 8 under the fitted mixture."""
+  return jax.nn.logsumexp(_result_log_prob(result, x), axis=1)
+
+
+@jax.jit
+def predict_proba(result: GMMResult, x: jax.Array) -> jax.Array:
+  """[n, K] responsibilities r_ik of Eq. 11 for new points."""
+  _, log_resp = _e_step(_result_log_prob(result, x), jnp.zeros_like(result.weights))
+  return jnp.exp(log_resp)
+
+
+@jax.jit
+def predict(result: GMMResult, x: jax.Array) -> jax.Array:
+  """[n] int32 component labels argmax_k r_ik (the UDC pseudo-labels)."""
+  return jnp.argmax(_result_log_prob(result, x), axis=1).astype(jnp.int32)
