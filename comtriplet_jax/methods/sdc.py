@@ -262,10 +262,6 @@ class SDC(base.Method):
     centres = host.method_state["centres"]
     centre_min = np.asarray(centres["centre_min"])
     centre_maj = np.asarray(centres["centre_maj"])
-    embed = jax.jit(self.embed)
-    split_embeddings = {split: _embed_split(embed, variables, data.eval[split])
-                        for split in data.eval}
-
     out: dict[str, Any] = {
         "prototypes": {
             "separation": float(centres["separation"]),
@@ -275,6 +271,12 @@ class SDC(base.Method):
         },
         "auc_convention": self.auc_convention(),
     }
+    if not self.feature_selection_rules and not self.cfg.embedding_plot:
+      return out
+    embed = jax.jit(self.embed)
+    split_embeddings = {split: _embed_split(embed, variables, data.eval[split])
+                        for split in data.eval}
+
     scale = float(self.cfg.feature_selection_scale)
     for rule in self.feature_selection_rules:
       mask = np.asarray(prototypes.feature_mask(centre_min, centre_maj, rule=rule,

@@ -1,0 +1,201 @@
+"""UDC: GMM pseudo-labels on embeddings gathered from four fake devices, end to end.
+
+The data-parallel logic is checked on a stand-in embedding (the images' pixels),
+so no network has to be compiled for it: every device must fit the same GMM to
+the embeddings of all devices, take the smaller component as the minority, and
+apply the loss to its own slice of the pseudo-labels. A short run on a
+generated HAM10000-like folder then trains the real model, with a finite loss
+and centres set, and writes the report.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from comtriplet_jax import losses
+from comtriplet_jax import parallel
+from comtriplet_jax import train
+from comtriplet_jax.clustering import gmm
+from comtriplet_jax.methods import udc
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+DX = ["nv"] * 30 + ["mel"] * 14 + ["bkl"] * 4
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def fake_ham(tmp_path_factory) -> pathlib.Path:
+  """48 images of 40 lesions: nevi are dark blobs, melanomas bright ones."""
+  root = tmp_path_factory.mktemp("ham")
+  (root / "images").mkdir()
+  rng = np.random.default_rng(0)
+  rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+  for i, dx in enumerate(DX):
+    image_id = f"ISIC_{i:07d}"
+    lesion = f"HAM_{i // 6 * 6 if i < 12 else i:07d}"
+    base = 60 if dx == "nv" else 190
+    pixels = rng.normal(base, 25, size=(30, 40, 3)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
+    rows.append(f"{lesion},{image_id},{dx},histo,50.0,male,back")
+  (root / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+  return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def make_config(fake_ham=None, data_dir=None, arg=None, **overrides):
+  config = load_config("udc", arg)
+  config.update(dict(
+      manual_dir=str(fake_ham or ""), tfds_data_dir=str(data_dir or ""),
+      image_size=32, backbone="tiny_vgg", batch_size=4, eval_batch_size=8,
+      learning_rate=1e-3, num_train_steps=4, log_every_steps=2, eval_every_steps=2,
+      checkpoint_every_steps=2))
+  config.udc.embedding_size = 8
+  config.update(overrides)
+  return config
+
+
+class _PixelUDC(udc.UDC):
+  """UDC whose 'embedding' of an image is its first pixels (no network)."""
+
+  def _train_embeddings(self, params, batch_stats, images, rng):
+    del params, rng
+    size = self.cfg.embedding_size
+    flat = images.reshape(images.shape[0], -1)[:, :size].astype(jnp.float32)
+    return flat, batch_stats
+
+
+def _two_cluster_images(rng, per_device=6, devices=4, size=8):
+  """9 'minority' points around one direction, 15 'majority' around another."""
+  n = per_device * devices
+  minority = np.zeros(n, bool)
+  minority[rng.permutation(n)[:9]] = True
+  base = np.where(minority[:, None], np.r_[200, 30, 200, 30, 200, 30, 200, 30],
+                  np.r_[30, 200, 30, 200, 30, 200, 30, 200])
+  pixels = np.clip(base + rng.normal(0, 8, size=(n, size)), 0, 255)
+  images = np.zeros((n, 2, 2, 3), np.uint8)
+  images.reshape(n, -1)[:, :size] = pixels.astype(np.uint8)
+  return images.reshape(devices, per_device, 2, 2, 3), minority
+
+
+def test_every_device_fits_the_same_gmm_to_all_embeddings():
+  config = make_config()
+  method = _PixelUDC(config, num_classes=2, train_class_counts=[15, 9])
+  images, minority = _two_cluster_images(np.random.default_rng(0))
+  state = method.init_method_state(None)
+  step = jnp.asarray(5, jnp.int32)
+
+  def per_device(images, rng):
+    loss, (_, metrics, aux) = method.loss({}, {}, state, {"image": images}, rng,
+                                          step=step)
+    return loss, metrics, aux, method.update_state(state, aux)
+
+  par = parallel.DataParallel("pmap")
+  loss, metrics, aux, new_state = par.map(per_device, sharded_argnums=(0,),
+                                          sharded_out=True)(
+      par.shard_batch(images), par.replicate(jax.random.PRNGKey(0)))
+  aux = jax.tree.map(np.asarray, aux)
+  for leaf in jax.tree.leaves(aux) + jax.tree.leaves(new_state):
+    leaf = np.asarray(leaf)
+    for d in range(1, 4):
+      np.testing.assert_array_equal(leaf[d], leaf[0])
+
+  # The same fit on the host, from all 24 embeddings.
+  embeddings = images.reshape(24, -1)[:, :8].astype(np.float32)
+  pseudo, mu_min, mu_maj, fit = jax.jit(method.fit_clusters)(embeddings, step)
+  np.testing.assert_allclose(aux["centre_min"][0], mu_min, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(aux["centre_maj"][0], mu_maj, rtol=1e-5, atol=1e-4)
+  # Smaller component = minority, and here it is the 9-point cluster exactly.
+  assert float(jnp.min(fit.weights)) == pytest.approx(9 / 24, abs=1e-3)
+  np.testing.assert_array_equal(np.asarray(pseudo), minority.astype(np.int32))
+  np.testing.assert_allclose(mu_min, embeddings[minority].mean(0), rtol=1e-4)
+  assert bool(aux["valid"][0])
+  assert int(np.asarray(new_state["centres"]["num_updates"])[0]) == 1
+
+  # Each device's loss is the centre COM-Triplet loss of its own slice with its
+  # slice of the pseudo-labels (Eq. 12-13).
+  for d in range(4):
+    rows = slice(6 * d, 6 * d + 6)
+    expected, _ = losses.centre_com_triplet_loss(
+        embeddings[rows], mu_min, mu_maj, assignment=np.asarray(pseudo)[rows])
+    np.testing.assert_allclose(np.asarray(loss)[d], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics["anchor_minority_fraction"])[d],
+                               minority[rows].mean(), rtol=1e-6)
+
+
+def test_diag_fit_matches_the_gmm_module():
+  config = make_config()
+  method = _PixelUDC(config, num_classes=2, train_class_counts=[15, 9])
+  images, _ = _two_cluster_images(np.random.default_rng(1))
+  x = images.reshape(24, -1)[:, :8].astype(np.float32)
+  step = jnp.asarray(3, jnp.int32)
+  _, mu_min, mu_maj, fit = method.fit_clusters(jnp.asarray(x), step)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                              udc._GMM_KEY_TAG), step)
+  direct = gmm.fit_gmm(jnp.asarray(x), 2, key=key, covariance_type="diag",
+                       reg_covar=1e-6, tol=1e-3, max_iter=100)
+  np.testing.assert_allclose(fit.means, direct.means, rtol=1e-6)
+  small = int(np.argmin(direct.weights))
+  np.testing.assert_allclose(mu_min, direct.means[small], rtol=1e-6)
+  np.testing.assert_allclose(mu_maj, direct.means[1 - small], rtol=1e-6)
+  assert fit.covariances.shape == (2, 8)  # 'diag' is the default
+
+
+def test_udc_runs_end_to_end(fake_ham, data_dir, tmp_path):
+  config = make_config(fake_ham, data_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  written = json.loads((tmp_path / "results.json").read_text())
+  assert "smaller mixture weight" in written["auc_convention"]
+  assert written["prototypes"]["num_updates"] >= 1
+  for split in ("validation", "test"):
+    assert 0.0 <= written[split]["auc"] <= 1.0
+    assert written["feature_selection"]["mean_difference"][split]["num_examples"] == (
+        results["num_examples"][split])
+  assert pathlib.Path(written["embedding_plot"]).exists()
+  events = list(tmp_path.glob("events.out.tfevents.*"))
+  assert events
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(events[0]))
+  acc.Reload()
+  tags = acc.Tags()["tensors"] + acc.Tags()["scalars"]
+  for tag in ("train/loss", "train/gmm_iterations", "train/pseudo_label_agreement"):
+    assert tag in tags, tags
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("covariance_type", "spherical", "config.udc.covariance_type='spherical'"),
+    ("assignment", "random", "config.udc.assignment"),
+    ("gmm_tol", 0.0, "config.udc.gmm_tol"),
+    ("gmm_reg_covar", -1.0, "config.udc.gmm_reg_covar"),
+    ("gmm_max_iter", 0, "config.udc.gmm_max_iter"),
+    ("gmm_features", "pca", "config.udc.gmm_features"),
+    ("loss", "hinge", "config.udc.loss"),
+])
+def test_bad_udc_fields_are_named(field, value, message):
+  config = make_config()
+  config.udc[field] = value
+  with pytest.raises(ValueError, match=message):
+    udc.UDC(config, num_classes=2, train_class_counts=[3, 1])
+
+
+def test_udc_config():
+  config = load_config("udc", "loss=triplet,covariance=full")
+  assert (config.udc.loss, config.udc.margin, config.udc.covariance_type) == (
+      "triplet", "0.2", "full")
+  assert (config.udc.gmm_tol, config.udc.gmm_reg_covar) == (1e-3, 1e-6)
+  udc.UDC(config, num_classes=2, train_class_counts=[3, 1])
