@@ -27,8 +27,9 @@ label 1, cosine distance by default as in UDC). Two sets of prototypes exist:
   :func:`~comtriplet_jax.clustering.kmeans.kmeans`, 2 clusters, ``kmeans_n_init``
   restarts, a key folded from ``config.seed`` and the number of features seen) on
   the buffer gives the prototypes, ordered (majority, minority) by cluster size
-  within the buffer. Until the buffer has filled, its empty rows repeat the filled
-  ones (row i reads row i mod filled), so K-Means only ever sees real features.
+  within the buffer. Only a full buffer is clustered: until ``buffer_size``
+  features have been seen the prototypes are zero, every cosine distance is 1 and
+  every score 0 (AUC 0.5), so evaluate after ``buffer_size / batch_size`` steps.
   Everything is a deterministic function of the gathered features, hence identical
   on every device, and it is checkpointed with the train state. Features in the
   buffer come from the parameters of the last ``buffer_size / batch_size`` steps.
@@ -62,6 +63,7 @@ from comtriplet_jax.baselines import shallow
 from comtriplet_jax.clustering import kmeans as kmeans_lib
 from comtriplet_jax.data import augment
 from comtriplet_jax.data import pipeline
+from comtriplet_jax.evaluation import embedding_plot
 from comtriplet_jax.evaluation import metrics as metrics_lib
 from comtriplet_jax.methods import base
 from comtriplet_jax.models import cae as cae_model
@@ -132,30 +134,22 @@ def corrupt(key: jax.Array, images: jax.Array, *, noise_std: float,
   return jnp.clip(cropped + noise_std * noise, 0.0, 1.0).astype(images.dtype)
 
 
-def running_prototypes(key: jax.Array, buffer: jax.Array, filled: jax.Array, *,
-                       n_init: int, max_iter: int) -> tuple[jax.Array, jax.Array]:
-  """K-Means prototypes of the filled rows of a feature buffer.
+def running_prototypes(key: jax.Array, buffer: jax.Array, *, n_init: int,
+                       max_iter: int) -> tuple[jax.Array, jax.Array]:
+  """K-Means prototypes of a full feature buffer, ordered (majority, minority).
 
   Args:
     key: PRNG key of the K-Means restarts.
-    buffer: [N, C] features; rows [0, filled) are real.
-    filled: [] int32 number of real rows, 1 <= filled <= N.
+    buffer: [N, C] features.
     n_init: K-Means restarts.
     max_iter: Lloyd iterations per restart.
 
   Returns:
     (prototypes [2, C] ordered (majority, minority), cluster sizes [2] float32 in
-    the same order, counted over the real rows; on a tie cluster 1 is the
-    minority).
+    the same order; on a tie cluster 1 is the minority).
   """
-  n = buffer.shape[0]
-  filled = jnp.clip(filled, 1, n)
-  # Empty rows repeat real ones, so the clustering sees only real features.
-  x = buffer[jnp.arange(n) % filled]
-  result = kmeans_lib.kmeans(key, x, 2, n_init=n_init, max_iter=max_iter)
-  real = jnp.arange(n) < filled
-  sizes = jnp.stack([jnp.sum(real & (result.labels == k)) for k in (0, 1)]
-                    ).astype(jnp.float32)
+  result = kmeans_lib.kmeans(key, buffer, 2, n_init=n_init, max_iter=max_iter)
+  sizes = jnp.stack([jnp.sum(result.labels == k) for k in (0, 1)]).astype(jnp.float32)
   minority = jnp.where(sizes[0] < sizes[1], 0, 1)
   order = jnp.stack([1 - minority, minority])
   return result.centres[order], sizes[order]
@@ -244,9 +238,17 @@ class CAE(base.Method):
     buffer = buffer.at[rows].set(features)
     seen = seen + features.shape[0]
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), seen)
-    prototypes, sizes = running_prototypes(
-        key, buffer, jnp.minimum(seen, size), n_init=self.settings.kmeans_n_init,
-        max_iter=self.settings.kmeans_max_iter)
+
+    def refresh(_):
+      return running_prototypes(key, buffer, n_init=self.settings.kmeans_n_init,
+                                max_iter=self.settings.kmeans_max_iter)
+
+    def keep(_):
+      return method_state["prototypes"], method_state["cluster_sizes"]
+
+    # Only a full buffer is clustered, so the prototypes are always K-Means of
+    # exactly the last buffer_size features; until then they stay zero.
+    prototypes, sizes = jax.lax.cond(seen >= size, refresh, keep, None)
     return {"features": buffer, "seen": seen, "prototypes": prototypes,
             "cluster_sizes": sizes}
 
@@ -262,20 +264,43 @@ class CAE(base.Method):
     return {"scores": scores, "predictions": predictions}
 
   # ------------------------------------------------------------------- report
+  def _codes_and_errors(self, variables, images: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+    """uint8 images [B, S, S, 3] -> (codes [B, C], reconstruction MSE per image [B])."""
+    x = self.prepare_images(images, None, train=False)
+    reconstruction, codes = self.model.apply(variables, x, train=False)
+    return codes, jnp.mean((reconstruction - x) ** 2, axis=(1, 2, 3))
+
+  def _corrupt_and_reconstruct(self, variables, images: jax.Array, key: jax.Array):
+    clean = self.prepare_images(images, None, train=False)
+    noisy = corrupt(key, clean, noise_std=self.settings.noise_std,
+                    crop_min=self.settings.crop_min)
+    reconstruction, _ = self.model.apply(variables, noisy, train=False)
+    return clean, noisy, reconstruction
+
   def report(self, state, data: pipeline.Datasets, par: parallel.DataParallel,
              workdir: pathlib.Path, p_predict: Callable) -> dict[str, Any]:
-    """Final K-Means prototypes on all training features, MSE, a picture."""
+    """Final K-Means prototypes on all training features, MSE, pictures.
+
+    Writes ``cae_reconstructions.png`` (clean, corrupted, reconstructed validation
+    images) and ``cae_embeddings.png`` (test encoder features in 2-D, prototypes
+    marked).
+    """
     del p_predict
     host = par.unreplicate(state)
     variables = {"params": host.params, "batch_stats": host.batch_stats}
-    encode = jax.jit(self.encode_images)
-    embed_fn = lambda images: encode(variables, images)  # noqa: E731
+    # One compiled function for every split: evaluation batches and the padded
+    # training batches all hold eval_batch_size images.
+    codes_and_errors = jax.jit(self._codes_and_errors)
+    embed_fn = lambda images: codes_and_errors(variables, images)[0]  # noqa: E731
     s = self.settings
-    features, labels = {}, {}
+    features, labels, mse = {}, {}, {}
     for split in data.eval:
       features[split] = shallow.embed_eval_split(embed_fn, data.eval[split],
                                                  data.num_examples[split])
       labels[split] = data.eval_labels[split]
+      mse[split] = self._mean_error(
+          lambda images: codes_and_errors(variables, images)[1], data.eval[split])
     running = {}
     for split, x in features.items():
       scores, predictions = shallow.prototype_scores(
@@ -285,8 +310,7 @@ class CAE(base.Method):
     out: dict[str, Any] = {"running_prototypes": running}
     details: dict[str, Any] = {
         "running_cluster_sizes": np.asarray(host.method_state["cluster_sizes"]).tolist(),
-        "reconstruction_mse": {split: self._reconstruction_mse(variables, data.eval[split])
-                               for split in data.eval},
+        "reconstruction_mse": mse,
         "selection": "validation AUC with the running prototypes",
     }
     if s.final_prototypes == "train_kmeans":
@@ -311,27 +335,30 @@ class CAE(base.Method):
                    "prototypes: %.4f, %.4f)", final["validation"].get("auc", np.nan),
                    final["test"]["auc"], running.get("validation", {}).get("auc", np.nan),
                    running["test"]["auc"])
+      prototypes = fitted.prototypes
     else:
       details["prototypes"] = "running K-Means on the feature buffer"
+      prototypes = np.asarray(host.method_state["prototypes"])
     picture = self._write_reconstructions(variables, data, workdir)
     if picture:
       details["reconstructions_png"] = picture
+    if "test" in features:
+      details["embeddings_png"] = str(embedding_plot.plot_embeddings(
+          workdir / "cae_embeddings.png", features["test"], labels["test"],
+          centre_min=prototypes[1], centre_maj=prototypes[0],
+          class_names=data.class_names,
+          title=f"CAE encoder features of the test split ({details['prototypes']})"))
     out["cae"] = details
     return out
 
-  def _reconstruction_mse(self, variables, dataset) -> float:
-    """Mean squared error of reconstructing clean images, over a split."""
-    @jax.jit
-    def per_image(images):
-      x = self.prepare_images(images, None, train=False)
-      reconstruction, _ = self.model.apply(variables, x, train=False)
-      return jnp.mean((reconstruction - x) ** 2, axis=(1, 2, 3))
-
+  @staticmethod
+  def _mean_error(errors_fn: Callable[[np.ndarray], jax.Array], dataset) -> float:
+    """Mean over a split's real examples of the per-image reconstruction MSE."""
     total, count = 0.0, 0
     for batch in dataset.as_numpy_iterator():
       images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
       mask = batch["mask"].reshape(-1)
-      total += float(np.sum(np.asarray(per_image(images))[mask]))
+      total += float(np.sum(np.asarray(errors_fn(images))[mask]))
       count += int(mask.sum())
     return total / max(count, 1)
 
@@ -347,10 +374,8 @@ class CAE(base.Method):
     images = images[batch["mask"].reshape(-1)][:count]
     if images.shape[0] == 0:
       return None
-    clean = self.prepare_images(jnp.asarray(images), None, train=False)
-    noisy = corrupt(jax.random.PRNGKey(self.config.seed), clean,
-                    noise_std=self.settings.noise_std, crop_min=self.settings.crop_min)
-    reconstruction, _ = self.model.apply(variables, noisy, train=False)
+    clean, noisy, reconstruction = jax.jit(self._corrupt_and_reconstruct)(
+        variables, images, jax.random.PRNGKey(self.config.seed))
     rows = [("clean", clean), ("corrupted", noisy), ("reconstructed", reconstruction)]
     fig, axes = plt.subplots(3, images.shape[0], squeeze=False,
                              figsize=(1.6 * images.shape[0], 5.2))
