@@ -2,6 +2,11 @@
 
 Fields of the config can be overridden on the command line, e.g.
 ``--config.learning_rate=1e-4``. Everything else happens in ``train.py``.
+
+Several processes (hosts, or one process per GPU) run the same command; they find
+each other through SLURM, Open MPI, Cloud TPU or Kubernetes, or through the flags
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (see
+``distributed.py`` and ``launch/``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from comtriplet_jax import distributed  # noqa: E402  (defines its flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -38,6 +45,8 @@ def main(argv):
   # TensorFlow is only the input pipeline here: keep it off any accelerator.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
+  # Before anything creates a JAX backend: every device of the job must be known.
+  distributed.initialize_from_flags()
   import jax  # pylint: disable=g-import-not-at-top
   from comtriplet_jax import train  # pylint: disable=g-import-not-at-top
 

@@ -109,8 +109,10 @@ class DataParallel:
       :meth:`shard_batch`); per-device outputs come back as ``[devices, ...]``.
     """
     if self.mode == "pmap":
+      # pmap takes the same global device list on every process and maps over
+      # this process's share of it; the axis (collectives, axis_index) spans all.
       return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums,
-                      devices=self.local_devices)
+                      devices=self.devices)
 
     def per_shard(*args):
       # Each shard holds a leading axis of 1 for sharded arguments: drop it so

@@ -120,22 +120,25 @@ def make_predict_step(method: base.Method) -> Callable:
 def evaluate(p_predict: Callable, state: TrainState, dataset, labels: np.ndarray,
              par: parallel.DataParallel, num_classes: int) -> dict[str, Any]:
   """Scores every example of a split exactly once and computes its metrics."""
-  scores, predictions, indices = [], [], []
+  scores, predictions, indices, masks = [], [], [], []
   for batch in dataset.as_numpy_iterator():
     out = par.local_outputs(p_predict(state, par.shard_batch({"image": batch["image"]})))
     mask = np.asarray(batch["mask"]).reshape(-1)
     n = mask.size
-    scores.append(np.asarray(out["scores"]).reshape((n,) + out["scores"].shape[2:])[mask])
-    predictions.append(np.asarray(out["predictions"]).reshape(n)[mask])
-    indices.append(np.asarray(batch["index"]).reshape(n)[mask])
-  scores = np.concatenate(scores)
-  predictions = np.concatenate(predictions)
-  indices = np.concatenate(indices)
+    scores.append(np.asarray(out["scores"]).reshape((n,) + out["scores"].shape[2:]))
+    predictions.append(np.asarray(out["predictions"]).reshape(n))
+    indices.append(np.asarray(batch["index"]).reshape(n))
+    masks.append(mask)
+  scores, predictions, indices, mask = (
+      np.concatenate(a) for a in (scores, predictions, indices, masks))
   if jax.process_count() > 1:
+    # Every process ran the same number of padded batches, so the arrays have
+    # the same shapes everywhere; padding is dropped after the gather.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    scores, predictions, indices = (
+    scores, predictions, indices, mask = (
         np.concatenate(list(multihost_utils.process_allgather(a)))
-        for a in (scores, predictions, indices))
+        for a in (scores, predictions, indices, mask))
+  scores, predictions, indices = scores[mask], predictions[mask], indices[mask]
   order = np.argsort(indices, kind="stable")
   if not np.array_equal(indices[order], np.arange(labels.size)):
     raise RuntimeError(
@@ -209,6 +212,22 @@ def _merge_backbone(variables: dict[str, PyTree], loaded: dict[str, PyTree],
   return out
 
 
+def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
+  """Process 0 prepares the TFDS dataset while the others wait.
+
+  Processes sharing ``config.tfds_data_dir`` would otherwise all write the same
+  files at once; after the barrier the others find it prepared (or, with a
+  per-host data dir, prepare their own copy).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from comtriplet_jax.data import builders  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    builders.prepare(builders.get_builder(
+        config.dataset, data_dir=config.tfds_data_dir or None,
+        manual_dir=config.manual_dir or None))
+  multihost_utils.sync_global_devices("comtriplet_jax: dataset prepared")
+
+
 # ----------------------------------------------------------------------- loop
 @dataclasses.dataclass
 class _Best:
@@ -253,6 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be "
                      f"divisible by the number of devices ({par.num_devices})")
 
+  if jax.process_count() > 1:
+    _prepare_dataset_once(config)
   data = pipeline.create_datasets(
       dataset=config.dataset, task=config.task, split_scheme=config.split_scheme,
       split_seed=config.split_seed, image_size=config.image_size,

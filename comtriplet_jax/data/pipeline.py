@@ -14,7 +14,12 @@ The flow (DESIGN.md, "How data flows"):
 
 Training batches are ``{'image': [D, b, S, S, 3] uint8, 'label': [D, b] int32,
 'index': [D, b] int32}`` for D local devices of b examples each, from an
-infinite, per-epoch shuffled stream. Evaluation batches add ``'mask'`` (bool,
+infinite, per-epoch shuffled stream. The training split is dealt to the devices
+of the whole job (:func:`deal_to_devices`), and each device's stream is a
+function of its shard, the shuffle seed and its global device index only; so the
+global batch of every step is the same however the devices are grouped into
+processes (one process with four devices, two with two: tested), and a process
+reads only its own devices' shards. Evaluation batches add ``'mask'`` (bool,
 False on padding) and carry ``index = -1`` on padding; every example of the
 split appears exactly once over all processes and devices, and every process
 yields the same number of batches, so a collective evaluation step never waits
@@ -115,6 +120,9 @@ class Datasets:
       cached like ``train``: ``{'image', 'label', 'index'}`` per example, for
       methods that sample their own batches (SDC's triplets).
     train_labels: [n_local] task labels of ``train_examples``, in its order.
+    train_shards: [n_local] int32, the local device (0 .. D-1) whose shard each
+      example of ``train_examples`` belongs to (``train_examples`` holds the
+      shards one after another, in device order, each in source order).
   """
   train: tf.data.Dataset
   eval: dict[str, tf.data.Dataset]
@@ -127,6 +135,7 @@ class Datasets:
   eval_steps: dict[str, int]
   train_examples: tf.data.Dataset
   train_labels: np.ndarray
+  train_shards: np.ndarray
 
 
 # --- reading -----------------------------------------------------------------
@@ -311,6 +320,33 @@ def _per_device(batch: Mapping[str, tf.Tensor], num_devices: int
   return out
 
 
+def deal_to_devices(rows: np.ndarray, labels: np.ndarray, num_devices: int
+                    ) -> list[np.ndarray]:
+  """Deals training rows to the devices of the whole job, class by class.
+
+  The rows, ordered by class (stably, so by index within a class), are dealt
+  round-robin: every device gets the floor or the ceiling of ``n_c / num_devices``
+  examples of each class c, so a rare class reaches every device that it can
+  (SDC's triplets need both classes on each device).
+
+  Args:
+    rows: [n] rows of the training split, in index order.
+    labels: task label of every row (indexed by row).
+    num_devices: devices of the job (local devices x processes).
+
+  Returns:
+    ``num_devices`` arrays of rows, each sorted (source order).
+  """
+  by_class = rows[np.argsort(labels[rows], kind="stable")]
+  return [np.sort(by_class[g::num_devices]) for g in range(num_devices)]
+
+
+def _shard_seed(shuffle_seed: int, device: int) -> int:
+  """A tf.data shuffle seed for one device's shard, distinct per device."""
+  return int(np.random.SeedSequence([shuffle_seed, device]).generate_state(
+      1, np.uint32)[0])
+
+
 def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
   # The corrupt-image check compares the stream with the expected order, and
   # runs must be reproducible from their seeds.
@@ -384,28 +420,49 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
           tf.range(metadata.image_ids.size, dtype=tf.int64)),
       default_value=-1)
 
-  def local_stream(split):
-    """This process's share: every process_count-th index, from its own."""
+  def index_of_rows(split):
     rows = plan.rows[split]
     index_of_row = np.full(metadata.labels.size, -1, np.int32)
     index_of_row[rows] = np.arange(rows.size, dtype=np.int32)
-    local = rows[process_index::process_count]
-    stream = _image_stream(source, table, metadata, plan, local, index_of_row,
-                           image_size)
+    return index_of_row
+
+  def local_stream(split):
+    """This process's share: every process_count-th index, from its own."""
+    local = plan.rows[split][process_index::process_count]
+    stream = _image_stream(source, table, metadata, plan, local,
+                           index_of_rows(split), image_size)
     return (stream.cache() if cache else stream), local.size
 
-  train, num_local_train = local_stream(splits.TRAIN)
-  if num_local_train == 0:
-    raise ValueError(f"process {process_index} of {process_count} has no "
-                     f"training example: the training split has only "
-                     f"{plan.rows[splits.TRAIN].size}")
-  train_examples = _deterministic(train)
-  local_batch = batch_size // process_count
-  train = (train.shuffle(shuffle_buffer_size or num_local_train,
-                         seed=shuffle_seed, reshuffle_each_iteration=True)
-           .repeat()
-           .batch(local_batch, drop_remainder=True)
-           .map(lambda b: _per_device(b, num_local_devices))
+  # Training: one stream per device of this process, each reading, decoding and
+  # caching only its own shard (see the module docstring).
+  num_devices = num_local_devices * process_count
+  first_device = process_index * num_local_devices
+  shards = deal_to_devices(plan.rows[splits.TRAIN], plan.task_labels,
+                           num_devices)[first_device:first_device + num_local_devices]
+  train_index_of_row = index_of_rows(splits.TRAIN)
+  per_device = batch_size // num_devices
+  shard_examples, device_streams = [], []
+  for j, shard in enumerate(shards):
+    if shard.size == 0:
+      raise ValueError(
+          f"device {first_device + j} of {num_devices} has no training example: "
+          f"the training split has only {plan.rows[splits.TRAIN].size}")
+    stream = _image_stream(source, table, metadata, plan, shard,
+                           train_index_of_row, image_size)
+    stream = stream.cache() if cache else stream
+    shard_examples.append(stream)
+    device_streams.append(
+        stream.shuffle(shuffle_buffer_size or shard.size,
+                       seed=_shard_seed(shuffle_seed, first_device + j),
+                       reshuffle_each_iteration=True)
+        .repeat()
+        .batch(per_device, drop_remainder=True))
+  train_examples = shard_examples[0]
+  for stream in shard_examples[1:]:
+    train_examples = train_examples.concatenate(stream)
+  train_examples = _deterministic(train_examples)
+  train = (tf.data.Dataset.zip(tuple(device_streams))
+           .map(lambda *per: {k: tf.stack([b[k] for b in per]) for k in per[0]})
            .prefetch(tf.data.AUTOTUNE))
 
   eval_datasets, eval_labels, eval_steps = {}, {}, {}
@@ -446,8 +503,9 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
                        for name, rows in plan.rows.items()},
       eval_steps=eval_steps,
       train_examples=train_examples,
-      train_labels=plan.task_labels[
-          np.sort(plan.rows[splits.TRAIN][process_index::process_count])])
+      train_labels=plan.task_labels[np.concatenate(shards)],
+      train_shards=np.repeat(np.arange(len(shards), dtype=np.int32),
+                             [shard.size for shard in shards]))
 
 
 def create_datasets(*, dataset: str, task: str, split_scheme: str,
