@@ -15,9 +15,28 @@ Example::
 
   python -m comtriplet_jax.main --config=configs/classifier.py:runlocal \
       --workdir=/tmp/classifier
+
+Sweeps (``get_sweep``, for ``launch/sweep.py``): 'tables' (the direct-classifier
+rows of Tables III and VII: the four backbones with TL, then ResNet50 with NP,
+TL+DA and TL+LW; ResNet50 with TL is the row both blocks share), 'grid'
+(backbones x strategies NP, TL, TL+DA, TL+LW), 'imbalance' (Figure 4's
+majority:minority ratios 1, 2, 4, 15, 36, 60 scaled to HAM10000; the paper's
+classifier there is VGG16 with TL: append 'strategy=TL'), 'local' (runlocal
+with the strategies that need no ImageNet weights, NP, DA and LW: a
+laptop-sized sweep); further comma-separated items are appended to every run,
+e.g. 'tables,size=128' or 'imbalance,strategy=TL'::
+
+  python launch/sweep.py --config=configs/classifier.py:tables --sweep_dir=/tmp/t3
 """
 
 from comtriplet_jax import configlib
+
+PAPER_BACKBONES = ("vgg16", "resnet50", "densenet169", "efficientnetb3")
+PAPER_STRATEGIES = ("NP", "TL", "TL+DA", "TL+LW")
+# Table III compares strategies on "the ResNet50 backbone with the highest
+# validation performance".
+STRATEGY_BACKBONE = "resnet50"
+LOCAL_STRATEGIES = ("NP", "DA", "LW")
 
 
 def get_config(arg=None):
@@ -47,3 +66,24 @@ def get_config(arg=None):
     config.eval_every_steps = 300
     config.log_every_steps = 50
   return config
+
+
+def get_sweep(arg=None):
+  """Config-argument strings of a sweep: 'tables' (default), 'grid', 'imbalance', 'local'."""
+  items = [a.strip() for a in (arg or "tables").split(",") if a.strip()]
+  name, extra = (items[0], items[1:]) if items else ("tables", [])
+  if name == "tables":
+    runs = [f"backbone={b},strategy=TL" for b in PAPER_BACKBONES]
+    runs += [f"backbone={STRATEGY_BACKBONE},strategy={s}" for s in PAPER_STRATEGIES
+             if s != "TL"]
+  elif name == "grid":
+    runs = [f"backbone={b},strategy={s}" for b in PAPER_BACKBONES
+            for s in PAPER_STRATEGIES]
+  elif name == "imbalance":
+    from comtriplet_jax.evaluation import imbalance_study  # pylint: disable=g-import-not-at-top
+    runs = [f"counts={c}" for c in imbalance_study.ham10000_counts()]
+  elif name == "local":
+    runs = [f"runlocal,strategy={s}" for s in LOCAL_STRATEGIES]
+  else:
+    raise ValueError(f"unknown sweep {name!r}; choose tables, grid, imbalance or local")
+  return [",".join([r] + extra) if extra else r for r in runs]
