@@ -199,6 +199,11 @@ def test_run_writes_every_baseline(fake_ham, tmp_path):
       assert metrics["num_examples"] == results["settings"]["num_examples"][split]
       assert 0.0 <= metrics["auc"] <= 1.0
     assert shallow.PAPER_NAMES[name] in table
+  # The clusterings draw their prototypes among the test embeddings.
+  for name in ("gmm", "kmeans"):
+    assert (tmp_path / "work" / f"embeddings_test_{name}.png").stat().st_size > 1000
+    assert written[name]["embedding_plot"].endswith(f"embeddings_test_{name}.png")
+  assert not list((tmp_path / "work").glob("embeddings_test_lle.png"))
   # Dark nevi and bright melanomas: the brightness direction dominates the pooled
   # features, so the clusterings find the classes.
   assert written["kmeans"]["test"]["auc"] > 0.6

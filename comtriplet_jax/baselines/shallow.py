@@ -77,6 +77,7 @@ from comtriplet_jax import configlib
 from comtriplet_jax import models
 from comtriplet_jax.data import augment
 from comtriplet_jax.data import pipeline
+from comtriplet_jax.evaluation import embedding_plot
 from comtriplet_jax.evaluation import metrics as metrics_lib
 from comtriplet_jax.losses import distances
 
@@ -713,6 +714,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results[name] = {"validation": metrics["validation"], "test": metrics["test"],
                      "train": metrics["train"], "fit_seconds": fit_seconds,
                      "details": fitted.details}
+    if fitted.prototypes is not None:
+      # The clusterings' prototypes among the test embeddings, as SDC/UDC draw them.
+      plot = embedding_plot.plot_embeddings(
+          workdir / f"embeddings_test_{name}.png", features["test"], labels["test"],
+          centre_min=fitted.prototypes[1], centre_maj=fitted.prototypes[0],
+          class_names=list(data.class_names),
+          title=f"{name} on {config.backbone} features: test embeddings")
+      results[name]["embedding_plot"] = str(plot)
     logging.info("%s: validation AUC %.4f, test AUC %.4f (fit %.1f s)", name,
                  metrics["validation"]["auc"], metrics["test"]["auc"], fit_seconds)
   _write_json(workdir / "results.json", results)
