@@ -133,7 +133,7 @@ def plot_attention_samples(images: np.ndarray, attention: np.ndarray,
         text = "=" if origin[i, h, w] == i else str(int(origin[i, h, w]))
         ax_background.text((w + 0.5) * cell_x, (h + 0.5) * cell_y, text,
                            ha="center", va="center", fontsize=7, color="yellow")
-    ax_background.set_title("M_inv (dark); background vector from image #",
+    ax_background.set_title("M_inv (dark); background vector\nfrom image # ('=' its own)",
                             fontsize=8)
     for ax in axes[i]:
       ax.set_xticks([])
