@@ -537,3 +537,24 @@ def test_ablation_table_from_a_sweep_directory(tmp_path):
   commands = ablation_table.run_sweep(tmp_path / "new", sweep="table2,runlocal,steps=5",
                                       config_file=CONFIG_FILE, dry_run=True)
   assert len(commands) == 12 and all("comtriplet_jax.main" in c for c in commands)
+
+
+def test_ablation_table_sets_aside_a_departure_every_run_shares(tmp_path):
+  # runlocal scales lambda in every run: that is the sweep's setting, and the
+  # rows still match. Once runs differ in lambda, none of them is set aside.
+  shared = {"l2_weight": 0.01}
+  _fake_run(tmp_path, "best", dict(shared), 0.50)
+  _fake_run(tmp_path, "heads1", {"num_heads": 1, **shared}, 0.40)
+  _fake_run(tmp_path, "noindep", {"indep_measure": "none", **shared}, 0.30)
+  table = ablation_table.write_table(tmp_path)
+  assert table["rows"]["Heads = 3"]["runs"] == ["best"]
+  assert table["rows"]["Heads = 1"]["f1"] == 0.40
+  assert table["rows"]["W/O Lindep"]["f1"] == 0.30
+  assert table["unmatched_runs"] == []
+  assert table["setting"]["shared_departures"] == shared
+  assert "departs from the paper in {'l2_weight': 0.01}" in (
+      tmp_path / "table2.md").read_text()
+  _fake_run(tmp_path, "other_lambda", {"l2_weight": 1.0}, 0.9)
+  table = ablation_table.write_table(tmp_path)
+  assert table["unmatched_runs"] == ["best", "heads1", "noindep", "other_lambda"]
+  assert table["setting"]["shared_departures"] == {}
