@@ -23,9 +23,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 import pytest  # noqa: E402
 
 from comtriplet_jax.data import paths  # noqa: E402
+
+# The classes of the generated HAM10000-like folder (``fake_ham``).
+FAKE_HAM_DX = ["nv"] * 30 + ["mel"] * 14 + ["bkl"] * 4
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +42,25 @@ def ham10000_dir() -> pathlib.Path:
         "real HAM10000 data not found: set COMTRIPLET_HAM10000_DIR or place "
         "the folder at ../shared/data/ham10000 beside the checkout")
   return folder
+
+
+@pytest.fixture(scope="session")
+def fake_ham(tmp_path_factory) -> pathlib.Path:
+  """A HAM10000-like folder: 48 images of 40 lesions, the first 12 in lesions of 6.
+
+  Nevi are dark noisy blobs and melanomas bright ones, so a few training steps
+  separate them. Tests only read it (each prepares its own TFDS data dir).
+  """
+  root = tmp_path_factory.mktemp("ham")
+  (root / "images").mkdir()
+  rng = np.random.default_rng(0)
+  rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+  for i, dx in enumerate(FAKE_HAM_DX):
+    image_id = f"ISIC_{i:07d}"
+    lesion = f"HAM_{i // 6 * 6 if i < 12 else i:07d}"
+    base = 60 if dx == "nv" else 190
+    pixels = rng.normal(base, 25, size=(30, 40, 3)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
+    rows.append(f"{lesion},{image_id},{dx},histo,50.0,male,back")
+  (root / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+  return root

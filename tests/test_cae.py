@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from comtriplet_jax import configlib
 from comtriplet_jax import parallel
@@ -216,27 +215,6 @@ def test_steps_on_four_devices_lower_the_loss_and_agree_on_the_state():
 
 
 # ------------------------------------------------------------------ end to end
-DX = ["nv"] * 30 + ["mel"] * 14 + ["bkl"] * 4
-
-
-@pytest.fixture(scope="module")
-def fake_ham(tmp_path_factory) -> pathlib.Path:
-  """48 images of 40 lesions: nevi are dark blobs, melanomas bright ones."""
-  root = tmp_path_factory.mktemp("ham")
-  (root / "images").mkdir()
-  rng = np.random.default_rng(0)
-  rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
-  for i, dx in enumerate(DX):
-    image_id = f"ISIC_{i:07d}"
-    lesion = f"HAM_{i // 6 * 6 if i < 12 else i:07d}"
-    base = 60 if dx == "nv" else 190
-    pixels = rng.normal(base, 25, size=(30, 40, 3)).clip(0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
-    rows.append(f"{lesion},{image_id},{dx},histo,50.0,male,back")
-  (root / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
-  return root
-
-
 def test_train_and_evaluate_end_to_end(fake_ham, tmp_path):
   config = tiny_config(manual_dir=str(fake_ham), tfds_data_dir=str(tmp_path / "tfds"),
                        num_train_steps=3, eval_every_steps=3, log_every_steps=3,
