@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from PIL import Image
 
 from comtriplet_jax import distributed
 from comtriplet_jax import parallel
@@ -35,7 +34,6 @@ from comtriplet_jax.methods import classifier
 from comtriplet_jax.methods import sdc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DX = ["nv"] * 30 + ["mel"] * 14 + ["bkl"] * 4
 
 # What both runs train: tiny models, 32 px, three steps, one evaluation.
 # Adam's eps is raised so that gradient entries near zero, whose sign can differ
@@ -48,24 +46,6 @@ RUNS = {
     "classifier": ("classifier.py", "strategy=DA+LW", {}),
     "sdc": ("sdc.py", "", {"sdc.embedding_size": 16, "sdc.embedding_plot": False}),
 }
-
-
-@pytest.fixture(scope="module")
-def fake_ham(tmp_path_factory) -> pathlib.Path:
-  """48 images of 40 lesions: nevi are dark blobs, melanomas bright ones."""
-  root = tmp_path_factory.mktemp("ham")
-  (root / "images").mkdir()
-  rng = np.random.default_rng(0)
-  rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
-  for i, dx in enumerate(DX):
-    image_id = f"ISIC_{i:07d}"
-    lesion = f"HAM_{i // 6 * 6 if i < 12 else i:07d}"
-    base = 60 if dx == "nv" else 190
-    pixels = rng.normal(base, 25, size=(30, 40, 3)).clip(0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
-    rows.append(f"{lesion},{image_id},{dx},histo,50.0,male,back")
-  (root / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
-  return root
 
 
 def _load_config(file: str, arg: str) -> ml_collections.ConfigDict:
@@ -94,16 +74,21 @@ def _config(name: str, fake_ham, data_dir) -> ml_collections.ConfigDict:
   return config
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+  """n distinct free loopback ports (all bound at once, so none repeats)."""
+  sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+  try:
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
 
 
-def _launch_two_processes(name: str, fake_ham, data_dir, workdir: pathlib.Path
-                          ) -> list[subprocess.Popen]:
+def _launch_two_processes(name: str, fake_ham, data_dir, workdir: pathlib.Path,
+                          port: int) -> list[subprocess.Popen]:
   file, arg, _ = RUNS[name]
-  port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -143,15 +128,21 @@ def test_two_processes_equal_one_process_with_four_devices(fake_ham, tmp_path):
   # Prepare the dataset before anything runs concurrently on it.
   reference = {"classifier": train.train_and_evaluate(
       _config("classifier", fake_ham, data_dir), str(tmp_path / "one" / "classifier"))}
+  # Both two-process jobs run at once (their start-up is mostly single-threaded),
+  # and the remaining references train here meanwhile.
   launched = {}
-  for name in RUNS:
+  for name, port in zip(RUNS, _free_ports(len(RUNS))):
     workdir = tmp_path / "two" / name
     workdir.mkdir(parents=True)
-    launched[name] = _launch_two_processes(name, fake_ham, data_dir, workdir)
-    _wait(name, launched[name], workdir)
-    if name not in reference:
-      reference[name] = train.train_and_evaluate(
-          _config(name, fake_ham, data_dir), str(tmp_path / "one" / name))
+    launched[name] = _launch_two_processes(name, fake_ham, data_dir, workdir, port)
+  try:
+    for name in RUNS:
+      if name not in reference:
+        reference[name] = train.train_and_evaluate(
+            _config(name, fake_ham, data_dir), str(tmp_path / "one" / name))
+  finally:
+    for name in RUNS:
+      _wait(name, launched[name], tmp_path / "two" / name)
 
   for name in RUNS:
     one, two = tmp_path / "one" / name, tmp_path / "two" / name
