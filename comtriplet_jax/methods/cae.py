@@ -186,6 +186,11 @@ class CAE(base.Method):
     if s.final_prototypes not in FINAL_PROTOTYPES:
       raise ValueError(f"config.cae.final_prototypes={s.final_prototypes!r} is not "
                        f"allowed; choose one of {', '.join(FINAL_PROTOTYPES)}")
+    if s.final_prototypes == "train_kmeans" and jax.process_count() > 1:
+      # Checked here, before training, rather than when the report needs it.
+      raise ValueError(
+          "config.cae.final_prototypes='train_kmeans' needs every training example "
+          "on one process; use final_prototypes='running' on several processes")
     if config.normalization != "unit":
       raise ValueError(f"config.normalization={config.normalization!r} is not allowed "
                        "for the CAE: choose unit (its sigmoid output reconstructs x/255)")
@@ -314,10 +319,6 @@ class CAE(base.Method):
         "selection": "validation AUC with the running prototypes",
     }
     if s.final_prototypes == "train_kmeans":
-      if jax.process_count() > 1:
-        raise NotImplementedError(
-            "config.cae.final_prototypes='train_kmeans' needs every training example "
-            "on one process; use final_prototypes='running' on several processes")
       train_x, _, _ = shallow.embed_examples(embed_fn, data.train_examples,
                                              self.config.eval_batch_size)
       settings = shallow.default_settings()
