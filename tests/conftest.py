@@ -49,7 +49,7 @@ def fake_ham(tmp_path_factory) -> pathlib.Path:
   """A HAM10000-like folder: 48 images of 40 lesions, the first 12 in lesions of 6.
 
   Nevi are dark noisy blobs and melanomas bright ones, so a few training steps
-  separate them. Tests only read it (each prepares its own TFDS data dir).
+  separate them. Tests only read it; the TFDS data they prepare goes elsewhere.
   """
   root = tmp_path_factory.mktemp("ham")
   (root / "images").mkdir()
