@@ -11,6 +11,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import platform
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -24,7 +27,9 @@ quiet = lambda *args, **kwargs: None
 
 
 def run_tiny(**kwargs):
-  kwargs = dict(sizes="tiny", policy=TINY, threads=0, log=quiet, **kwargs)
+  # malloc='default': the allocator setting is process-wide, not for pytest.
+  kwargs = dict(sizes="tiny", policy=TINY, threads=0, malloc="default", log=quiet,
+                **kwargs)
   return bm.run_benchmark(**kwargs)
 
 
@@ -49,6 +54,8 @@ def test_report_has_the_documented_fields(report):
   assert len(machine["load_average_start"]) == 3
   assert machine["matmul_flops_per_s"]["float32"] > 0
   assert machine["copy_bytes_per_s"] > 0
+  assert machine["threads"]["malloc"]["malloc"] == "default"
+  assert not machine["threads"]["malloc"]["applied"]
   assert report["settings"]["sizes"] == "tiny"
   assert report["settings"]["policy"]["repeats"] == 1
   # The report is JSON as written by --json_out, and reads back into rows.
@@ -297,6 +304,16 @@ def test_analytic_counts():
   # B=1, K=1, N=2, C=3: Gram 2 * 4 * 3, kernel entries 10 * 4, pairs 2 * 4.
   assert bm.hsic_flops_bytes(bm.HsicCase(1, 1, 2, 3), False) == (72.0, 24.0)
   assert bm.hsic_flops_bytes(bm.HsicCase(1, 1, 2, 3), True) == (144.0, 48.0)
+  # N = 196 on CPU: Gram blocks (0, 64, 128, 196), 3 * 64^2 + 2 * 64 * 68 + 68^2
+  # = 25616 of the 38416 entries multiplied.
+  blocked, _ = bm.hsic_flops_bytes(bm.HsicCase(1, 1, 196, 8), False,
+                                   implementation="per_sample")
+  full, _ = bm.hsic_flops_bytes(bm.HsicCase(1, 1, 196, 8), False,
+                                implementation="vmapped")
+  assert full - blocked == 2 * (38416 - 25616) * 8
+  with_grad, _ = bm.hsic_flops_bytes(bm.HsicCase(1, 1, 196, 8), True,
+                                     implementation="per_sample")
+  assert with_grad == blocked + full
   assert bm.triplet_flops_bytes(bm.TripletCase(2, 3)) == (180.0, 144.0)
   assert bm.gmm_path(bm.GmmCase(45, 1024), "float32") == "subspace"
   assert bm.gmm_path(bm.GmmCase(1000, 1024), "float32") == "square_root"
@@ -332,7 +349,7 @@ def test_thread_limit_caps_blas_and_is_undone():
 def test_command_line_writes_the_json(tmp_path, capsys):
   path = tmp_path / "bench.json"
   bm.main(["--sizes=tiny", "--only=triplet", "--repeats=1", "--threads=0",
-           f"--json_out={path}"])
+           "--malloc=default", f"--json_out={path}"])
   written = json.loads(path.read_text())
   assert {r["kernel"] for r in written["rows"]} == {"triplet", "com_triplet"}
   assert "com_triplet" in capsys.readouterr().out
@@ -340,4 +357,20 @@ def test_command_line_writes_the_json(tmp_path, capsys):
     bm.run_benchmark(only=["nope"], sizes="tiny", log=quiet)
   with pytest.raises(ValueError, match="sizes"):
     bm.run_benchmark(sizes="huge", log=quiet)
+  with pytest.raises(ValueError, match="malloc"):
+    bm.run_benchmark(sizes="tiny", malloc="tcmalloc", log=quiet)
+
+
+def test_retaining_freed_memory_applies_before_the_backends_start():
+  # In a fresh interpreter, as the command line does it (process-wide setting).
+  code = ("import json; from comtriplet_jax import benchmark as bm; "
+          "print(json.dumps(bm.retain_freed_memory(True)))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, timeout=300).stdout
+  info = json.loads(out.strip().splitlines()[-1])
+  assert info["malloc"] == "retain" and not info["backends_started"]
+  assert info["applied"] == (platform.system() == "Linux"
+                             and platform.libc_ver()[0] == "glibc")
+  assert bm.retain_freed_memory(False) == dict(
+      malloc="default", applied=False, backends_started=True)
 

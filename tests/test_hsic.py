@@ -11,6 +11,7 @@ import pytest
 from jax import test_util
 
 from comtriplet_jax import losses
+from comtriplet_jax.losses import hsic
 
 
 # ------------------------------------------------------------ NumPy references
@@ -215,11 +216,12 @@ def test_mean_normalisation_keeps_float32_accurate_under_large_offsets():
 
 
 # ------------------------------------------------------------------ memory
-def test_chunked_equals_unchunked_values_and_gradients():
+@pytest.mark.parametrize("implementation", ["per_sample", "vmapped", "autodiff"])
+def test_chunked_equals_unchunked_values_and_gradients(implementation):
   x = dependent_heads(9, batch=5)
   def run(**kw):
     fn = jax.jit(jax.value_and_grad(functools.partial(
-        losses.hsic_independence_loss, **kw)))
+        losses.hsic_independence_loss, implementation=implementation, **kw)))
     return fn(x)
   value, grad = run()
   # 2 does not divide 5; the budget of 2000 bytes allows one sample per chunk.
@@ -228,32 +230,114 @@ def test_chunked_equals_unchunked_values_and_gradients():
     np.testing.assert_allclose(chunked_value, value, rtol=1e-6)
     np.testing.assert_allclose(chunked_grad, grad, rtol=1e-5, atol=1e-9)
   # The median bandwidth is per sample, so chunks cannot change it.
-  matrix = functools.partial(losses.head_dependence_matrix, sigma="median")
+  matrix = functools.partial(losses.head_dependence_matrix, sigma="median",
+                             implementation=implementation)
   np.testing.assert_allclose(jax.jit(functools.partial(matrix, chunk_size=2))(x),
                              jax.jit(matrix)(x), rtol=1e-6, atol=1e-10)
 
 
-def test_automatic_chunking_follows_the_memory_budget():
+@pytest.mark.parametrize("implementation", ["vmapped", "autodiff"])
+def test_automatic_chunking_follows_the_memory_budget(implementation):
   x = jnp.zeros((8, 3, 20, 4))
   # One sample's kernels: 3 * 20 * 20 * 4 bytes = 4800; 8 samples = 38400.
   def uses_map(budget):
-    jaxpr = jax.make_jaxpr(functools.partial(
-        losses.hsic_independence_loss, memory_budget_bytes=budget))(x)
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(
+        losses.hsic_independence_loss, memory_budget_bytes=budget,
+        implementation=implementation)))(x)
     return "scan" in str(jaxpr)
   assert not uses_map(38400)
   assert uses_map(38399)
 
 
+def test_per_sample_keeps_kernels_for_the_backward_pass_only_within_budget():
+  # The per-sample kernel always loops over samples; the budget decides whether
+  # the B K N^2 kernels are kept between the passes or recomputed per sample.
+  def plan(budget, chunk_size=None):
+    return hsic._kernel_plan((8, 3, 20, 4), 4, 1.0, "biased", "highest", chunk_size,
+                             budget, "per_sample")
+  assert plan(38400).save_kernels and plan(38400).batch_size == 1
+  assert not plan(38399).save_kernels and plan(38399).batch_size == 1
+  assert not plan(38400, chunk_size=3).save_kernels
+  assert plan(38400, chunk_size=3).batch_size == 3
+  vmapped = hsic._kernel_plan((8, 3, 20, 4), 4, 1.0, "biased", "highest", None,
+                              9600, "vmapped")
+  assert vmapped.batch_size == 2 and not vmapped.save_kernels
+
+
 # --------------------------------------------------------------- gradients
+@pytest.mark.parametrize("implementation", ["per_sample", "vmapped", "autodiff"])
 @pytest.mark.parametrize("estimator, measure", [
     ("biased", "hsic"), ("unbiased", "hsic"), ("biased_n1", "hsic"),
     ("biased", "cosine")])
-def test_gradients_check_grads(estimator, measure):
+def test_gradients_check_grads(estimator, measure, implementation):
   x = dependent_heads(10, batch=2, n=6, c=3, dtype=np.float64)
+  # The custom-VJP kernels are reverse mode only; 'autodiff' supports both.
+  modes = (("fwd", "rev") if implementation == "autodiff" or measure == "cosine"
+           else ("rev",))
   with jax.enable_x64(True):
     fn = jax.jit(functools.partial(losses.hsic_independence_loss, sigma=0.7,
-                                   estimator=estimator, measure=measure))
-    test_util.check_grads(fn, (jnp.asarray(x),), order=1, modes=("fwd", "rev"))
+                                   estimator=estimator, measure=measure,
+                                   implementation=implementation))
+    test_util.check_grads(fn, (jnp.asarray(x),), order=1, modes=modes)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "biased_n1", "unbiased"])
+@pytest.mark.parametrize("sigma", [1.0, "median"])
+def test_kernel_implementations_equal_autodiff(estimator, sigma):
+  # Random heads with coincident positions (zero distances) and N = 40, which
+  # the per-sample kernel splits into Gram blocks; weights on the K x K matrix
+  # that are not symmetric, so every pair's cotangent is exercised.
+  x = dependent_heads(13, batch=3, n=40, c=7, dtype=np.float64)
+  x[1, :, 5] = x[1, :, 9]
+  weights = np.random.default_rng(14).normal(size=(3, 3, 3))
+  with jax.enable_x64(True):
+    def objective(implementation, z):
+      matrix = losses.head_dependence_matrix(z, sigma=sigma, estimator=estimator,
+                                             implementation=implementation)
+      return jnp.sum(matrix * weights)
+    expected = jax.jit(jax.value_and_grad(functools.partial(objective, "autodiff")))(x)
+    for implementation in ("per_sample", "vmapped"):
+      value, grad = jax.jit(jax.value_and_grad(
+          functools.partial(objective, implementation)))(x)
+      np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+      np.testing.assert_allclose(grad, expected[1], rtol=1e-8,
+                                 atol=1e-12 * np.max(np.abs(expected[1])))
+
+
+def test_float32_gradient_stays_accurate_under_large_offsets():
+  # Features far from the origin (as after a ReLU): the kernels see only the
+  # spread, so the float32 gradient must match the float64 one (measured: 3.2e-5
+  # of the largest entry, as the 'autodiff' path, and 9e-7 without the offset).
+  x = dependent_heads(15, batch=2, n=30, c=16)
+  shifted = x + np.float32(300.0)
+  with jax.enable_x64(True):
+    expected = jax.grad(functools.partial(
+        losses.hsic_independence_loss, implementation="autodiff"))(
+            x.astype(np.float64))
+  for implementation in ("per_sample", "vmapped"):
+    grad = jax.jit(jax.grad(functools.partial(
+        losses.hsic_independence_loss, implementation=implementation)))(shifted)
+    np.testing.assert_allclose(grad, expected, rtol=0,
+                               atol=2e-4 * np.max(np.abs(expected)))
+
+
+def test_gram_blocks_cover_the_matrix():
+  for n in (2, 31, 32, 49, 100, 196, 784):
+    edges = hsic.gram_block_edges(n)
+    assert edges[0] == 0 and edges[-1] == n and list(edges) == sorted(set(edges))
+    assert all(e % 16 == 0 for e in edges[1:-1])
+    assert len(edges) == (2 if n < 32 else len(edges))
+  assert hsic.gram_block_edges(196) == (0, 64, 128, 196)
+  x = np.random.default_rng(16).normal(size=(2, 49, 5))
+  with jax.enable_x64(True):
+    got = hsic._gram(jnp.asarray(x), hsic.gram_block_edges(49), "highest")
+  np.testing.assert_allclose(got, np.einsum("knc,kmc->knm", x, x), rtol=1e-12)
+
+
+def test_auto_implementation_follows_the_backend():
+  assert hsic.resolve_implementation("auto") == (
+      "per_sample" if jax.default_backend() == "cpu" else "vmapped")
+  assert hsic.resolve_implementation("autodiff") == "autodiff"
 
 
 def test_median_gradient_holds_the_bandwidth_fixed():
@@ -306,6 +390,7 @@ def test_head_weight_l2():
     ({"sigma": "mean"}, (2, 3, 12, 6), "sigma"),
     ({"chunk_size": 0}, (2, 3, 12, 6), "chunk_size"),
     ({"memory_budget_bytes": 0}, (2, 3, 12, 6), "memory_budget_bytes"),
+    ({"implementation": "fast"}, (2, 3, 12, 6), "implementation"),
 ])
 def test_errors_name_the_problem(kwargs, shape, message):
   with pytest.raises(ValueError, match=message):

@@ -18,7 +18,8 @@ For one sample and one head k, r^k is the N x C matrix of its feature vectors
    Kc = H K H with H = I - 11^T / N, without forming H.
 4. HSIC(k1, k2) = Tr(K^k1 H K^k2 H) / N^2 = sum(Kc^k1 * Kc^k2) / N^2 (Eq. 2), the
    elementwise sum. Every head's kernel is computed once and all K x K pairs
-   come from one einsum; samples are vmapped.
+   come from one einsum over the flattened kernels; samples are vmapped or
+   mapped (see "Implementations").
 
 L_indep = (1/K^2) sum_{k1 != k2} HSIC(k1, k2) (Eq. 3, ordered pairs, so every pair
 counts twice), averaged over the batch. The authors' code instead sums the
@@ -30,15 +31,42 @@ Estimators: 'biased' (1/N^2, the paper and the authors' code), 'biased_n1'
 (1/(N-1)^2, Gretton et al. 2005) and 'unbiased' (Song et al. 2012), which can be
 negative.
 
+Implementations (``implementation=``), equal to round-off:
+
+* 'per_sample' (the default on CPUs): a custom-VJP kernel run by ``lax.map``
+  one sample at a time. XLA:CPU runs a vmapped [B K, N, C] x [B K, C, N] product
+  at about half the speed of the same products one sample at a time (measured:
+  111 vs 77 ms for B = 32, K = 3, N = 196, C = 1024 on one thread). The Gram
+  matrix of each head is built from the blocks on and above its diagonal
+  (:func:`gram_block_edges`: 2/3 of the FLOPs at N = 196).
+* 'vmapped' (the default on GPUs and TPUs): the same custom-VJP kernel vmapped
+  over the batch, one full Gram product per head.
+* 'autodiff': the plain composition of the steps above, vmapped and
+  differentiated by JAX. The only one that supports forward-mode
+  differentiation (``jax.jvp``, ``jax.hessian``); the custom-VJP kernels are
+  reverse mode only, like the training step.
+
+The custom VJP: with D(a, b) = <K~_a, T(K~_b)> for a self-adjoint linear T (the
+centring, or the unbiased estimator's transform) and cotangent C, the gradient
+with respect to head a's kernel is sum_b (C_ab + C_ba) T(K~_b): T is
+self-adjoint, so it needs no differentiation of its own. Through the exp and
+the squared distances the gradient with respect to the features is one product
+(Q - diag(Q 1)) x per head, with Q = (2 / sigma^2) K * (that sum). The backward
+pass reuses the forward kernels and costs one [N, N] x [N, C] product per head
+instead of JAX's differentiation of each step (measured at the size above, loss
+and gradient: 183 ms against 313 ms before).
+
 Memory: a batch holds B K N^2 kernel entries. When that exceeds
 ``memory_budget_bytes``, or ``chunk_size`` is set, samples are processed in chunks
 with ``lax.map`` and each chunk is rematerialised in the backward pass
-(``jax.checkpoint``), so neither the forward nor the gradient ever holds more
+(the custom-VJP kernels recompute the chunk's kernels; 'autodiff' uses
+``jax.checkpoint``), so neither the forward nor the gradient ever holds more
 than one chunk's kernels; the values are those of the unchunked computation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -51,6 +79,7 @@ from comtriplet_jax.losses import distances
 ESTIMATORS = ("biased", "biased_n1", "unbiased")
 MEASURES = ("hsic", "cosine")
 PAIRS = ("ordered", "unordered")
+IMPLEMENTATIONS = ("auto", "per_sample", "vmapped", "autodiff")
 # The default cap on B K N^2 kernel entries held at once (in bytes of their dtype).
 DEFAULT_MEMORY_BUDGET_BYTES = 128 * 2**20
 
@@ -241,12 +270,174 @@ def _sample_dependence(features: jax.Array, sigma, estimator: str, measure: str,
   return _sample_hsic(kernels, estimator, precision)
 
 
+# ------------------------------------------------------ the custom-VJP kernel
+def gram_block_edges(n: int) -> tuple[int, ...]:
+  """Edges of the row blocks in which the 'per_sample' kernel builds a Gram matrix.
+
+  The Gram matrix x x^T is symmetric, so only the blocks on and above the
+  diagonal are multiplied, and the rest are their transposes: with b blocks,
+  (b + 1) / (2 b) of the matrix product's FLOPs (3 blocks: 2/3). Blocks of
+  about 64 rows with edges on multiples of 16 keep each product at full speed
+  on XLA:CPU (measured at N = 196, C = 1024: edges (0, 64, 128, 196) 59 ms,
+  (0, 65, 131, 196) 62 ms, one block 77 ms, for 96 Gram matrices).
+
+  Args:
+    n: rows (positions N).
+
+  Returns:
+    Increasing edges from 0 to n; (0, n) below 32 rows.
+  """
+  if n < 32:
+    return (0, n)
+  blocks = min(4, max(2, round(n / 64)))
+  inner = sorted({16 * round(i * n / (16 * blocks)) for i in range(1, blocks)})
+  return (0, *[e for e in inner if 0 < e < n], n)
+
+
+def _gram(x: jax.Array, edges: tuple[int, ...], precision) -> jax.Array:
+  """[K, N, C] -> [K, N, N] x x^T, from the blocks on and above the diagonal."""
+  if len(edges) == 2:
+    return jnp.einsum("knc,kmc->knm", x, x, precision=precision)
+  parts = [x[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+  rows: list[list[Any]] = [[None] * len(parts) for _ in parts]
+  for i, part in enumerate(parts):
+    for j in range(i, len(parts)):
+      rows[i][j] = jnp.einsum("knc,kmc->knm", part, parts[j], precision=precision)
+      if j > i:
+        rows[j][i] = jnp.swapaxes(rows[i][j], -1, -2)
+  return jnp.concatenate([jnp.concatenate(row, axis=-1) for row in rows], axis=-2)
+
+
+def _pair_operator(kernels: jax.Array, estimator: str) -> tuple[jax.Array, jax.Array]:
+  """(K~, T(K~)) with D(a, b) = <K~_a, T(K~_b)> for every head pair.
+
+  T is self-adjoint and linear, so the gradient of D(a, b) with respect to K~_a
+  is T(K~_b). 'biased' / 'biased_n1': K~ = K and T(K) = H K H / N^2 (or
+  (N-1)^2), since <K_a, H K_b H> = <H K_a H, H K_b H>. 'unbiased': K~ is K with
+  a zero diagonal and T(K~) = [K~ + 1'K~1 / ((n-1)(n-2)) - (K~1 1' + 1 1'K~) /
+  (n-2)] / (n(n-3)), which expands to Song et al.'s estimator.
+  """
+  n = kernels.shape[-1]
+  if estimator == "unbiased":
+    tilde = jnp.where(jnp.eye(n, dtype=bool), 0.0, kernels)
+    rows = jnp.sum(tilde, axis=-1)
+    total = jnp.sum(rows, axis=-1)
+    transformed = (tilde + (total / ((n - 1) * (n - 2)))[:, None, None]
+                   - (rows[:, :, None] + rows[:, None, :]) / (n - 2)) / (n * (n - 3))
+    return tilde, transformed
+  denominator = n * n if estimator == "biased" else (n - 1) * (n - 1)
+  return kernels, _centre(kernels) / denominator
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelPlan:
+  """Static choices of the custom-VJP kernel (hashable: a nondiff argument)."""
+  sigma: float | str
+  estimator: str
+  precision: Any
+  edges: tuple[int, ...]       # Gram row blocks (see gram_block_edges)
+  batch_size: int | None       # samples per lax.map step; None: vmap the batch
+  save_kernels: bool           # keep the B K N^2 kernels for the backward pass
+
+
+def _sample_forward(plan: _KernelPlan, x: jax.Array, x0: jax.Array):
+  """One sample: [K, N, C] features, [K, C] shift -> ([K, K], kernels, 1/(2 sigma^2))."""
+  shifted = x - x0[:, None, :]
+  gram = _gram(shifted, plan.edges, plan.precision)
+  norms = jnp.diagonal(gram, axis1=-2, axis2=-1)
+  sq_dist = jnp.maximum(norms[:, :, None] + norms[:, None, :] - 2.0 * gram, 0.0)
+  sigma = (median_sigma(sq_dist) if isinstance(plan.sigma, str)
+           else jnp.full(x.shape[:1], plan.sigma, x.dtype))
+  coef = 0.5 / jnp.square(sigma)
+  kernels = jnp.exp(-coef[:, None, None] * sq_dist)
+  tilde, transformed = _pair_operator(kernels, plan.estimator)
+  heads = x.shape[0]
+  # <K~_a, T(K~_b)> for all pairs as one product, symmetrised against rounding.
+  pairs = jnp.einsum("ai,bi->ab", tilde.reshape(heads, -1),
+                     transformed.reshape(heads, -1), precision=plan.precision)
+  return 0.5 * (pairs + pairs.T), kernels, coef
+
+
+def _sample_backward(plan: _KernelPlan, x, x0, kernels, coef, cotangent):
+  """d sum(cotangent * D) / d x for one sample, given its kernels.
+
+  With W = C + C^T, d/dK_a = A_a = sum_b W_ab T(K~_b); through K = exp(-c D)
+  and D_ij = |x_i - x_j|^2 this is dx = (Q - diag(Q 1)) x with
+  Q = 4 c K * A off the diagonal: one [N, N] x [N, C] product per head. Q is 0
+  where K = 1 (coincident points, where the distance has no gradient).
+  """
+  _, transformed = _pair_operator(kernels, plan.estimator)
+  weights = cotangent + cotangent.T
+  adjoint = jnp.einsum("ab,bnm->anm", weights, transformed, precision=plan.precision)
+  q = jnp.where(kernels < 1.0, 4.0 * coef[:, None, None] * kernels * adjoint, 0.0)
+  n = kernels.shape[-1]
+  laplacian = jnp.where(jnp.eye(n, dtype=bool), -jnp.sum(q, axis=-1)[:, :, None], q)
+  # Rows of the Laplacian sum to 0, so the shift changes nothing but rounding.
+  return jnp.einsum("knm,kmc->knc", laplacian, x - x0[:, None, :],
+                    precision=plan.precision)
+
+
+def _over_samples(plan: _KernelPlan, fn, *args):
+  if plan.batch_size is None:
+    return jax.vmap(fn)(*args)
+  step = lambda a: fn(*a)
+  if plan.batch_size == 1:
+    return jax.lax.map(step, args)
+  return jax.lax.map(step, args, batch_size=plan.batch_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _kernel_dependence(features: jax.Array, plan: _KernelPlan) -> jax.Array:
+  return _kernel_dependence_fwd(features, plan)[0]
+
+
+def _kernel_dependence_fwd(features, plan):
+  forward = functools.partial(_sample_forward, plan)
+  if plan.save_kernels:
+    pairs, kernels, coef = _over_samples(plan, forward, features, features[:, :, 0])
+    return pairs, (features, kernels, coef)
+  pairs = _over_samples(plan, lambda x, x0: forward(x, x0)[0], features,
+                        features[:, :, 0])
+  return pairs, (features, None, None)
+
+
+def _kernel_dependence_bwd(plan, residuals, cotangent):
+  features, kernels, coef = residuals
+  backward = functools.partial(_sample_backward, plan)
+  if plan.save_kernels:
+    grad = _over_samples(plan, backward, features, features[:, :, 0], kernels, coef,
+                         cotangent)
+  else:
+    # Rematerialised per chunk: only one chunk's kernels exist at a time.
+    def recompute(x, x0, ct):
+      _, kern, c = _sample_forward(plan, x, x0)
+      return backward(x, x0, kern, c, ct)
+    grad = _over_samples(plan, recompute, features, features[:, :, 0], cotangent)
+  return (grad,)
+
+
+_kernel_dependence.defvjp(_kernel_dependence_fwd, _kernel_dependence_bwd)
+
+
+def resolve_implementation(implementation: str = "auto") -> str:
+  """'auto' -> 'per_sample' on a CPU backend, 'vmapped' on GPUs and TPUs."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if implementation != "auto":
+    return implementation
+  return "per_sample" if jax.default_backend() == "cpu" else "vmapped"
+
+
 def _check_options(head_features, sigma, estimator, measure, chunk_size,
-                   memory_budget_bytes):
+                   memory_budget_bytes, implementation):
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
   _check_sigma(sigma)
   head_features = jnp.asarray(head_features)
   if head_features.ndim != 4 or 0 in head_features.shape:
@@ -264,13 +455,35 @@ def _check_options(head_features, sigma, estimator, measure, chunk_size,
   return head_features.astype(jnp.result_type(head_features.dtype, jnp.float32))
 
 
+def _kernel_plan(shape, itemsize, sigma, estimator, precision, chunk_size,
+                 memory_budget_bytes, implementation) -> _KernelPlan:
+  """How the custom-VJP kernel loops, blocks and stores, from sizes and budget."""
+  batch, heads, n, _ = shape
+  per_sample_bytes = heads * n * n * itemsize
+  fits = batch * per_sample_bytes <= memory_budget_bytes
+  if implementation == "per_sample":
+    batch_size = 1 if chunk_size is None else min(chunk_size, batch)
+    save = chunk_size is None and fits
+    edges = gram_block_edges(n)
+  else:
+    if chunk_size is None:
+      batch_size = None if fits else max(1, memory_budget_bytes // per_sample_bytes)
+    else:
+      batch_size = None if chunk_size >= batch else chunk_size
+    save = batch_size is None and fits
+    edges = (0, n)
+  return _KernelPlan(sigma=sigma, estimator=estimator, precision=precision,
+                     edges=edges, batch_size=batch_size, save_kernels=save)
+
+
 def head_dependence_matrix(head_features: jax.Array, *,
                            sigma: float | str = 1.0,
                            estimator: str = "biased",
                            measure: str = "hsic",
                            chunk_size: int | None = None,
                            memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-                           precision="highest") -> jax.Array:
+                           precision="highest",
+                           implementation: str = "auto") -> jax.Array:
   """Dependence between every pair of heads, per sample (HSIC, Eq. 2, or cosine).
 
   measure='hsic': entry (b, k1, k2) = HSIC(r^k1_b, r^k2_b) of the module docstring.
@@ -291,12 +504,21 @@ def head_dependence_matrix(head_features: jax.Array, *,
       exceed ``memory_budget_bytes``.
     memory_budget_bytes: the cap for the automatic choice.
     precision: matmul precision (see :func:`squared_distances`).
+    implementation: 'auto', 'per_sample', 'vmapped' or 'autodiff' (module
+      docstring, "Implementations"); the cosine measure has one.
 
   Returns:
     [B, K, K], symmetric (the diagonal holds each head's dependence on itself).
   """
   head_features = _check_options(head_features, sigma, estimator, measure,
-                                 chunk_size, memory_budget_bytes)
+                                 chunk_size, memory_budget_bytes, implementation)
+  implementation = resolve_implementation(implementation)
+  if measure == "hsic" and implementation != "autodiff":
+    plan = _kernel_plan(head_features.shape, head_features.dtype.itemsize, sigma,
+                        estimator, precision, chunk_size, memory_budget_bytes,
+                        implementation)
+    return _kernel_dependence(head_features, plan)
+
   batch, heads, n, _ = head_features.shape
 
   def per_sample(features):
@@ -320,7 +542,8 @@ def hsic_independence_loss(head_features: jax.Array, *,
                            pairs: str = "ordered",
                            chunk_size: int | None = None,
                            memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-                           precision="highest") -> jax.Array:
+                           precision="highest",
+                           implementation: str = "auto") -> jax.Array:
   """The independence term of L_indep, Eq. 3, without the l2 term.
 
   pairs='ordered' (the paper): (1/K^2) sum_{k1 != k2} D(k1, k2), batch mean.
@@ -336,6 +559,7 @@ def hsic_independence_loss(head_features: jax.Array, *,
     chunk_size: samples per chunk (None: automatic from ``memory_budget_bytes``).
     memory_budget_bytes: cap on B K N^2 kernel entries held at once.
     precision: matmul precision.
+    implementation: 'auto', 'per_sample', 'vmapped' or 'autodiff'.
 
   Returns:
     A scalar (float32 unless the features are float64).
@@ -345,7 +569,7 @@ def hsic_independence_loss(head_features: jax.Array, *,
   matrix = head_dependence_matrix(
       head_features, sigma=sigma, estimator=estimator, measure=measure,
       chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes,
-      precision=precision)
+      precision=precision, implementation=implementation)
   heads = matrix.shape[-1]
   if pairs == "ordered":
     off_diagonal = 1.0 - jnp.eye(heads, dtype=matrix.dtype)
