@@ -1,7 +1,7 @@
 """Loss-kernel throughput: this project's JAX kernels against what a user would run.
 
 ``python -m comtriplet_jax.benchmark [--only=hsic,gmm,triplet] [--sizes=default]
-[--repeats=N] [--json_out=PATH]``
+[--repeats=N] [--threads=1] [--malloc=retain] [--json_out=PATH]``
 
 Every kernel is timed in this one process against the reference a user would
 otherwise run, on the same random inputs, and the two results are checked to
