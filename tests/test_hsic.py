@@ -334,6 +334,16 @@ def test_gram_blocks_cover_the_matrix():
   np.testing.assert_allclose(got, np.einsum("knc,kmc->knm", x, x), rtol=1e-12)
 
 
+def test_traced_bandwidth_takes_the_autodiff_path():
+  x = dependent_heads(17)
+  static = jax.value_and_grad(losses.hsic_independence_loss)(x, sigma=0.8)
+  traced = jax.jit(jax.value_and_grad(
+      lambda z, s: losses.hsic_independence_loss(z, sigma=s)))(x, 0.8)
+  np.testing.assert_allclose(traced[0], static[0], rtol=1e-5)
+  np.testing.assert_allclose(traced[1], static[1], rtol=1e-4,
+                             atol=1e-6 * np.max(np.abs(static[1])))
+
+
 def test_auto_implementation_follows_the_backend():
   assert hsic.resolve_implementation("auto") == (
       "per_sample" if jax.default_backend() == "cpu" else "vmapped")

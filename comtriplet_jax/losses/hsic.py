@@ -455,6 +455,16 @@ def _check_options(head_features, sigma, estimator, measure, chunk_size,
   return head_features.astype(jnp.result_type(head_features.dtype, jnp.float32))
 
 
+def _static_sigma(sigma) -> float | str | None:
+  """The bandwidth as a Python number or 'median'; None when it is traced."""
+  if isinstance(sigma, str):
+    return sigma
+  try:
+    return float(sigma)
+  except jax.errors.ConcretizationTypeError:
+    return None
+
+
 def _kernel_plan(shape, itemsize, sigma, estimator, precision, chunk_size,
                  memory_budget_bytes, implementation) -> _KernelPlan:
   """How the custom-VJP kernel loops, blocks and stores, from sizes and budget."""
@@ -513,11 +523,14 @@ def head_dependence_matrix(head_features: jax.Array, *,
   head_features = _check_options(head_features, sigma, estimator, measure,
                                  chunk_size, memory_budget_bytes, implementation)
   implementation = resolve_implementation(implementation)
-  if measure == "hsic" and implementation != "autodiff":
-    plan = _kernel_plan(head_features.shape, head_features.dtype.itemsize, sigma,
-                        estimator, precision, chunk_size, memory_budget_bytes,
-                        implementation)
+  static_sigma = _static_sigma(sigma)
+  if measure == "hsic" and implementation != "autodiff" and static_sigma is not None:
+    plan = _kernel_plan(head_features.shape, head_features.dtype.itemsize,
+                        static_sigma, estimator, precision, chunk_size,
+                        memory_budget_bytes, implementation)
     return _kernel_dependence(head_features, plan)
+  # The cosine measure, 'autodiff', and a traced sigma (the kernels take the
+  # bandwidth as a static setting; JAX differentiates this path through it).
 
   batch, heads, n, _ = head_features.shape
 
