@@ -45,7 +45,8 @@ JAX port returns NaN). This implementation never factors that matrix:
    one, sqrt(reg) = 1e-3, survives float32 intact where forming the product
    would lose it. Coinciding points are no special case (their rows are zero and
    the factor is sqrt(reg) I there), and neither is an emptied component.
-   Mahalanobis distances come from triangular solves with R_k, log-determinants
+   Mahalanobis distances come from triangular solves with R_k (or products
+   with its inverse, point 8), log-determinants
    from its diagonal, ``precisions_cholesky`` = R_k^{-1} (upper triangular, as
    scikit-learn's).
 3. *Subspace (2n <= S).* All centred points and all means lie in the span of the
@@ -74,6 +75,28 @@ JAX port returns NaN). This implementation never factors that matrix:
    finite.
 6. The diagonal model uses the centred form sum_i r_ik (x_ij - mu_kj)^2 / N_k + reg
    (never E[x^2] - mu^2), which is >= reg by construction.
+7. *One scatter fewer per M-step* ('full', point 4's matrix-product M-step). As
+   sum_k r_ik = 1, the heaviest component's scatter about its mean m is the
+   total scatter about m minus the other components' scatters about m; those
+   are their own (centred, computed directly) scatters plus rank-one terms, and
+   the total is X_c^T X_c (computed once) plus rank-one terms. For K = 2 that is
+   one n x S x S matrix product per M-step instead of two. The subtraction
+   cancels by kappa = sum_i |x_i - m|^2 / sum_i r_i,heavy |x_i - m|^2, and
+   rounding errors grow by that factor, so it is used only when kappa eps <=
+   1e-6 (float64: practically always; float32: kappa <= 8, overlapping
+   components), else both scatters are computed directly.
+8. *Speed on CPU* (the structure, not the arithmetic, of the above). XLA:CPU runs
+   a plain 2-D matrix product about twice as fast per FLOP as a triangular
+   solve (single thread, float32: ~95 vs ~45 GFLOP/s here), and faster than a
+   batched product, so each component gets its own 2-D products;
+   symmetric and triangular operands are split into up to four column blocks
+   and only the blocks on one side of the diagonal are multiplied (scatters
+   fill their lower triangle, read by the Cholesky factorisation and mirrored
+   once for the output; Mahalanobis distances from U_k = R_k^{-1} by block
+   column, or by a blocked solve with R_k that turns most of its FLOPs into
+   products). The E-step multiplies by U_k (scikit-learn's
+   ``precisions_cholesky``, needed as output anyway) when n >= 2 S, where the
+   inverse's S^3 / 3 is paid back; otherwise it solves with R_k.
 
 Matrix products use ``Precision.HIGHEST`` so that accelerators do not drop to
 TF32/bfloat16 passes in this numerically sensitive code.
@@ -97,6 +120,10 @@ _INITS = ("kmeans", "given")
 # A Cholesky pivot whose square is below this many eps times its diagonal entry
 # has lost (almost) all its digits to round-off: redo that M-step by QR.
 _PIVOT_EPS_FACTOR = 1e3
+# The heaviest component's scatter is taken as total minus the others' only when
+# the cancellation costs less than this relative accuracy (see
+# `_FullDirect._covariances_checked`).
+_DERIVED_MAX_LOSS = 1e-6
 
 
 class GMMResult(NamedTuple):
@@ -166,6 +193,13 @@ def _weighted_rows(resp: jax.Array, nk: jax.Array, x: jax.Array,
   return scale[:, :, None] * (x[None, :, :] - means[:, None, :])
 
 
+def _weighted_columns(resp: jax.Array, nk: jax.Array, xt: jax.Array,
+                      means: jax.Array) -> jax.Array:
+  """[K, d, n] transposes of `_weighted_rows`, from xt = x^T [d, n]."""
+  scale = jnp.sqrt(resp.T / nk[:, None])                        # [K, n]
+  return scale[:, None, :] * (xt[None, :, :] - means[:, :, None])
+
+
 def _gaussian_statistics(x, resp, eps):
   """N_k (with scikit-learn's 10 eps) and means; x [n, d], resp [n, K]."""
   nk = jnp.sum(resp, axis=0) + 10.0 * eps
@@ -187,17 +221,83 @@ def _e_step(log_gauss: jax.Array, log_weights: jax.Array):
   return jnp.mean(top + log_sum), shifted - log_sum
 
 
-def _log_gauss_triangular(x, means, upper_factor, n_features):
+def _blocks(d: int) -> tuple[int, ...]:
+  """Boundaries of the column blocks used for triangular structure, each >= 64 wide.
+
+  XLA:CPU runs a plain 2-D dot about twice as fast per FLOP as a triangular solve
+  and faster than a batched dot; splitting a triangular operand into up to four column blocks
+  and multiplying only the blocks on and above (or below) the diagonal skips up to
+  3/8 of a full product while every piece stays a large 2-D dot.
+  """
+  b = 1 if d < 128 else min(4, d // 64)
+  return tuple(d * i // b for i in range(b + 1))
+
+
+def _gram_lower(wt: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """wt wt^T for [d, n] wt, exact on and below the diagonal blocks, zero above: [d, d].
+
+  The operand is the transpose of the weighted rows: XLA:CPU multiplies A B^T of
+  row-major A, B about 20% faster than A^T B, for which it first copies a transpose.
+  """
+  d = wt.shape[0]
+  rows = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    block = _dot("sn,tn->st", wt[lo:hi], wt[:hi])
+    rows.append(jnp.pad(block, ((0, 0), (0, d - hi))))
+  return jnp.concatenate(rows, axis=0)
+
+
+def _symmetrize_lower(g: jax.Array) -> jax.Array:
+  """The symmetric [..., d, d] matrix whose lower triangle is g's."""
+  d = g.shape[-1]
+  return jnp.where(jnp.tril(jnp.ones((d, d), bool)), g, jnp.swapaxes(g, -1, -2))
+
+
+def _maha_solve(diff: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """[n] squared norms of the rows of diff R^{-1}; diff [n, d], R [d, d] upper.
+
+  Block by block (see `_blocks`): solve with a diagonal block of R, then remove
+  the solved part from the remaining columns with one 2-D product, so most of
+  the n d^2 FLOPs run as matrix products rather than as a triangular solve.
+  """
+  total = jnp.zeros(diff.shape[:-1], diff.dtype)
+  rest = diff
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    y = lax.linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:, :hi - lo],
+                                    left_side=False, lower=False)
+    total = total + jnp.sum(y * y, axis=-1)
+    if hi < upper.shape[-1]:
+      rest = rest[:, hi - lo:] - _dot("nt,ts->ns", y, upper[lo:hi, hi:])
+  return total
+
+
+def _maha_inverse(diff: jax.Array, prec: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """[n] squared norms of the rows of diff U for upper-triangular [d, d] U.
+
+  Column block [lo, hi) of diff U only needs rows [0, hi) of U (see `_blocks`).
+  """
+  total = jnp.zeros(diff.shape[:-1], diff.dtype)
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    y = _dot("ns,st->nt", diff[:, :hi], prec[:hi, lo:hi])
+    total = total + jnp.sum(y * y, axis=-1)
+  return total
+
+
+def _log_gauss_full(x, means, upper, prec, n_features, bounds):
   """log N(x_i | mu_k, R_k^T R_k) for upper-triangular R_k: [n, K].
 
-  x [n, d], means [K, d], upper_factor [K, d, d]; ``n_features`` is the ambient
-  dimension S used for the normalising constant.
+  x [n, d], means [K, d], upper [K, d, d]; prec is R_k^{-1} [K, d, d] (the
+  Mahalanobis distances then come from products with it) or None (from triangular
+  solves with R_k). ``n_features`` is the ambient dimension S of the normalising
+  constant. One 2-D operation per component (K is small and static).
   """
-  diff = jnp.swapaxes(x[None, :, :] - means[:, None, :], -1, -2)  # [K, d, n]
-  y = lax.linalg.triangular_solve(upper_factor, diff, left_side=True, lower=False,
-                                  transpose_a=True)
-  maha = jnp.sum(y * y, axis=1).T                                   # [n, K]
-  log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(upper_factor, axis1=-2, axis2=-1)), -1)
+  maha = []
+  for k in range(means.shape[0]):
+    diff = x - means[k]
+    maha.append(_maha_solve(diff, upper[k], bounds) if prec is None
+                else _maha_inverse(diff, prec[k], bounds))
+  maha = jnp.stack(maha, axis=1)                                    # [n, K]
+  log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(upper, axis1=-2, axis2=-1)), -1)
   return -0.5 * (_log_2pi_term(n_features) + maha + log_det[None, :])
 
 
@@ -216,9 +316,21 @@ def _log_gauss_precision_cholesky(x, means, prec_chol, covariance_type):
 
 
 def _upper_inverse(r: jax.Array) -> jax.Array:
-  """R^{-1} for upper-triangular [K, d, d] R (the precision Cholesky of R^T R)."""
-  eye = jnp.broadcast_to(jnp.eye(r.shape[-1], dtype=r.dtype), r.shape)
-  return lax.linalg.triangular_solve(r, eye, left_side=True, lower=False)
+  """R^{-1} for upper-triangular [..., d, d] R (the precision Cholesky of R^T R).
+
+  Column block [lo, hi) of R^{-1} is zero below row hi and solves the leading
+  hi x hi block of R against columns [lo, hi) of the identity: about half the
+  work of one solve against the whole identity.
+  """
+  d = r.shape[-1]
+  batch = r.shape[:-2]
+  bounds = _blocks(d)
+  cols = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    rhs = jnp.broadcast_to(jnp.eye(hi, hi - lo, k=-lo, dtype=r.dtype), batch + (hi, hi - lo))
+    sol = lax.linalg.triangular_solve(r[..., :hi, :hi], rhs, left_side=True, lower=False)
+    cols.append(jnp.pad(sol, [(0, 0)] * len(batch) + [(0, d - hi), (0, 0)]))
+  return jnp.concatenate(cols, axis=-1)
 
 
 class _FullDirect:
@@ -228,45 +340,112 @@ class _FullDirect:
   M-step factors by QR (point 2 of the module docstring); otherwise it is
   scikit-learn's M-step, a Cholesky factorisation whose pivots are checked, with
   the QR factorisation as fallback (point 4). Parameters: (means [K, S], upper
-  factor R_k [K, S, S] with R_k^T R_k = Sigma_k, covariances [K, S, S] or None).
+  factor R_k [K, S, S] with R_k^T R_k = Sigma_k, U_k = R_k^{-1} [K, S, S] or None,
+  covariances [K, S, S] correct in their lower triangle, or None).
   """
 
   def __init__(self, xc, reg_covar, square_root):
     self.x = xc
     self.reg = reg_covar
     self.eps = _eps(xc.dtype)
-    self.n_features = xc.shape[1]
+    n, self.n_features = xc.shape
     self.square_root = square_root
+    self.bounds = _blocks(self.n_features)
+    # E-step by products with U_k = R_k^{-1} (scikit-learn's precisions_cholesky,
+    # 2 n S^2 FLOPs less the skipped blocks, as fast 2-D dots, plus the inverse)
+    # once n is a few times S; below that, by triangular solves (n S^2 FLOPs at a
+    # lower rate, no inverse).
+    self.use_inverse = n >= 2 * self.n_features
+    self.xt = xc.T
+    if not square_root:
+      # Total scatter and column sums of the (centred) data, for `_covariances_from_total`.
+      self.total = _gram_lower(self.xt, self.bounds)
+      self.col_sum = jnp.sum(xc, axis=0)
+
+  def _covariances_lower(self, resp, nk, means):
+    cols = _weighted_columns(resp, nk, self.xt, means)                # [K, S, n]
+    eye = self.reg * jnp.eye(self.n_features, dtype=self.x.dtype)
+    return jnp.stack([_gram_lower(cols[k], self.bounds) for k in range(cols.shape[0])]) + eye
+
+  def _covariances_from_total(self, resp, nk, means):
+    """Covariances (lower triangles), the heaviest one's scatter from the total.
+
+    Point 7 of the module docstring: with m the heaviest component's mean and, for
+    every other component j, delta_j = mu_j - m, R_j = sum_i r_ij and
+    a_j = sum_i r_ij (x_i - mu_j) (= 10 eps mu_j),
+    sum_i r_i,heavy (x_i - m)(x_i - m)^T = X^T X - m s^T - s m^T + n m m^T
+      - sum_j [N_j Sigma'_j + delta_j a_j^T + a_j delta_j^T + R_j delta_j delta_j^T],
+    s = X^T 1 and Sigma'_j the other components' scatters / N_j: one matrix
+    product fewer per M-step, exact up to round-off because sum_k r_ik = 1.
+    """
+    n, k_count = resp.shape
+    heavy = jnp.argmax(nk)
+    # The others in cyclic order after the heaviest: component c sits at position
+    # (c - heavy - 1) mod K of [others..., heavy].
+    others = (heavy + 1 + jnp.arange(k_count - 1)) % k_count
+    m = means[heavy]
+    cols_o = _weighted_columns(resp[:, others], nk[others], self.xt, means[others])
+    grams_o = jnp.stack([_gram_lower(cols_o[j], self.bounds) for j in range(k_count - 1)])
+    nk_o = nk[others]
+    r_o = jnp.sum(resp, axis=0)[others]
+    delta = means[others] - m                                         # [K-1, S]
+    a = (nk_o - r_o)[:, None] * means[others]
+    s = self.col_sum
+    scatter = (self.total - jnp.outer(m, s) - jnp.outer(s, m) + n * jnp.outer(m, m)
+               - _dot("j,jst->st", nk_o, grams_o)
+               - _dot("js,jt->st", delta, a) - _dot("js,jt->st", a, delta)
+               - _dot("js,jt->st", r_o[:, None] * delta, delta))
+    eye = self.reg * jnp.eye(self.n_features, dtype=self.x.dtype)
+    stacked = jnp.concatenate([grams_o, (scatter / nk[heavy])[None]]) + eye
+    return stacked[(jnp.arange(k_count) - heavy - 1) % k_count]
+
+  def _covariances_checked(self, resp, nk, means):
+    """`_covariances_from_total` where its cancellation costs < 1e-6 relative, else direct.
+
+    Its rounding error is about kappa eps times the heaviest covariance, kappa =
+    sum_i |x_i - m|^2 / sum_i r_i,heavy |x_i - m|^2 (how much larger the
+    subtracted terms are than the result): float64 essentially always takes it,
+    float32 when the heaviest component holds a large part of the spread.
+    """
+    direct = lambda: self._covariances_lower(resp, nk, means)
+    if resp.shape[1] < 2:
+      return direct()
+    heavy = jnp.argmax(nk)
+    sq_dist = jnp.sum(jnp.square(self.x - means[heavy]), axis=1)       # [n]
+    usable = (jnp.sum(sq_dist) * self.eps
+              <= _DERIVED_MAX_LOSS * jnp.sum(resp[:, heavy] * sq_dist))
+    return lax.cond(usable, lambda: self._covariances_from_total(resp, nk, means), direct)
 
   def m_step(self, resp):
     nk, means = _gaussian_statistics(self.x, resp, self.eps)
-    rows = _weighted_rows(resp, nk, self.x, means)                   # [K, n, S]
+    rows = lambda: _weighted_rows(resp, nk, self.x, means)           # [K, n, S]
     if self.square_root:
       # The covariances are only an output: formed once, in `finalize`.
-      return nk, (means, _sqrt_factor(rows, self.reg), None)
-    cov = _dot("kns,knt->kst", rows, rows) + self.reg * jnp.eye(
-        self.n_features, dtype=self.x.dtype)
-    lower = jnp.linalg.cholesky(cov)
-    pivots = jnp.diagonal(lower, axis1=-2, axis2=-1)
-    diag = jnp.diagonal(cov, axis1=-2, axis2=-1)
-    lost = ~jnp.all(jnp.isfinite(lower)) | jnp.any(
-        pivots * pivots < _PIVOT_EPS_FACTOR * self.eps * diag)
-    upper = lax.cond(lost, lambda: _sqrt_factor(rows, self.reg),
-                     lambda: jnp.swapaxes(lower, -1, -2))
-    return nk, (means, upper, cov)
+      upper, cov = _sqrt_factor(rows(), self.reg), None
+    else:
+      cov = self._covariances_checked(resp, nk, means)
+      lower = lax.linalg.cholesky(cov, symmetrize_input=False)
+      pivots = jnp.diagonal(lower, axis1=-2, axis2=-1)
+      diag = jnp.diagonal(cov, axis1=-2, axis2=-1)
+      lost = ~jnp.all(jnp.isfinite(lower)) | jnp.any(
+          pivots * pivots < _PIVOT_EPS_FACTOR * self.eps * diag)
+      upper = lax.cond(lost, lambda: _sqrt_factor(rows(), self.reg),
+                       lambda: jnp.swapaxes(lower, -1, -2))
+    prec = _upper_inverse(upper) if self.use_inverse else None
+    return nk, (means, upper, prec, cov)
 
   def log_gauss(self, params):
-    means, upper, _ = params
-    return _log_gauss_triangular(self.x, means, upper, self.n_features)
+    means, upper, prec, _ = params
+    return _log_gauss_full(self.x, means, upper, prec, self.n_features, self.bounds)
 
   def finalize(self, params, resp):
-    means, upper, cov = params
+    means, upper, prec, cov = params
     if cov is None:
       nk = jnp.sum(resp, axis=0) + 10.0 * self.eps
-      rows = _weighted_rows(resp, nk, self.x, means)
-      cov = _dot("kns,knt->kst", rows, rows) + self.reg * jnp.eye(
-          self.n_features, dtype=self.x.dtype)
-    return means, cov, _upper_inverse(upper)
+      cov = self._covariances_lower(resp, nk, means)
+    if prec is None:
+      prec = _upper_inverse(upper)
+    return means, _symmetrize_lower(cov), prec
 
 
 class _FullSubspace:
@@ -297,16 +476,18 @@ class _FullSubspace:
     # The (S - r) directions orthogonal to the data carry variance reg and no
     # component of any training point.
     outside = (self.n_features - self.rank) * jnp.log(self.reg)
-    return (_log_gauss_triangular(self.z, means, upper, self.n_features)
+    return (_log_gauss_full(self.z, means, upper, None, self.n_features,
+                            _blocks(self.rank))
             - 0.5 * outside)
 
   def finalize(self, params, resp):
     del params
     nk, means = _gaussian_statistics(self.x, resp, self.eps)
     rows = _weighted_rows(resp, nk, self.x, means)                   # [K, n, S]
-    eye = jnp.eye(self.n_features, dtype=self.x.dtype)
-    cov = _dot("kns,knt->kst", rows, rows) + self.reg * eye
-    return means, cov, _upper_inverse(_sqrt_factor(rows, self.reg))
+    bounds = _blocks(self.n_features)
+    eye = self.reg * jnp.eye(self.n_features, dtype=self.x.dtype)
+    cov = jnp.stack([_gram_lower(rows[k].T, bounds) for k in range(rows.shape[0])]) + eye
+    return means, _symmetrize_lower(cov), _upper_inverse(_sqrt_factor(rows, self.reg))
 
 
 class _Diag:
