@@ -113,6 +113,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from comtriplet_jax.clustering import kmeans as kmeans_lib
+from comtriplet_jax.clustering import serial_linalg
 
 _HIGHEST = lax.Precision.HIGHEST
 _COVARIANCE_TYPES = ("full", "diag")
@@ -182,7 +183,7 @@ def _sqrt_factor(rows: jax.Array, reg_covar: jax.Array) -> jax.Array:
   d = rows.shape[-1]
   eye = jnp.broadcast_to(jnp.sqrt(reg_covar).astype(rows.dtype) * jnp.eye(d, dtype=rows.dtype),
                          rows.shape[:-2] + (d, d))
-  r = jnp.linalg.qr(jnp.concatenate([rows, eye], axis=-2), mode="r")
+  r = serial_linalg.qr_r(jnp.concatenate([rows, eye], axis=-2))
   return _positive_diagonal(r)
 
 
@@ -263,7 +264,7 @@ def _maha_solve(diff: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> j
   total = jnp.zeros(diff.shape[:-1], diff.dtype)
   rest = diff
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    y = lax.linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:, :hi - lo],
+    y = serial_linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:, :hi - lo],
                                     left_side=False, lower=False)
     total = total + jnp.sum(y * y, axis=-1)
     if hi < upper.shape[-1]:
@@ -328,7 +329,8 @@ def _upper_inverse(r: jax.Array) -> jax.Array:
   cols = []
   for lo, hi in zip(bounds[:-1], bounds[1:]):
     rhs = jnp.broadcast_to(jnp.eye(hi, hi - lo, k=-lo, dtype=r.dtype), batch + (hi, hi - lo))
-    sol = lax.linalg.triangular_solve(r[..., :hi, :hi], rhs, left_side=True, lower=False)
+    sol = serial_linalg.triangular_solve(r[..., :hi, :hi], rhs, left_side=True,
+                                        lower=False)
     cols.append(jnp.pad(sol, [(0, 0)] * len(batch) + [(0, d - hi), (0, 0)]))
   return jnp.concatenate(cols, axis=-1)
 
@@ -424,7 +426,7 @@ class _FullDirect:
       upper, cov = _sqrt_factor(rows(), self.reg), None
     else:
       cov = self._covariances_checked(resp, nk, means)
-      lower = lax.linalg.cholesky(cov, symmetrize_input=False)
+      lower = serial_linalg.cholesky(cov, symmetrize_input=False)
       pivots = jnp.diagonal(lower, axis1=-2, axis2=-1)
       diag = jnp.diagonal(cov, axis1=-2, axis2=-1)
       lost = ~jnp.all(jnp.isfinite(lower)) | jnp.any(
@@ -463,7 +465,7 @@ class _FullSubspace:
     self.n_features = xc.shape[1]
     # X_c^T = Q T with Q [S, r] orthonormal; the coordinates X_c Q are T^T, so Q
     # itself is never needed (means and outputs are formed from x directly).
-    self.z = jnp.linalg.qr(xc.T, mode="r").T
+    self.z = serial_linalg.qr_r(xc.T).T
     self.rank = self.z.shape[1]
 
   def m_step(self, resp):
@@ -519,7 +521,7 @@ def _precision_cholesky_from_precisions(precisions, covariance_type):
   if covariance_type == "diag":
     return jnp.sqrt(precisions)
   flipped = jnp.flip(precisions, axis=(-2, -1))
-  return jnp.flip(jnp.linalg.cholesky(flipped), axis=(-2, -1))
+  return jnp.flip(serial_linalg.cholesky(flipped), axis=(-2, -1))
 
 
 def _check_inputs(x, n_components, covariance_type, init, key, weights_init,
