@@ -540,6 +540,19 @@ def _row(*, kernel, mode, case, dtype, reference, ours: Timing, ref: Timing,
                  ratio >= target_ratio and agrees))
 
 
+def progress_line(row: Row) -> str:
+  """One row as a progress line: both medians, the ratio and both first calls.
+
+  The first call includes compilation (XLA for the kernels, tracing for the
+  TensorFlow references), so a slow run shows where its time went even when it
+  is stopped before the table is printed.
+  """
+  return (f"    {row.mode} vs {row.reference}: {row.time_s * 1e3:.3f} ms vs "
+          f"{row.ref_time_s * 1e3:.3f} ms ({row.ratio:.2f}x, agrees: "
+          f"{'yes' if row.agrees else 'NO'}); first calls {row.first_call_s:.2f} s "
+          f"and {row.ref_first_call_s:.2f} s")
+
+
 def relative_error(value: Any, reference: Any) -> float:
   """max |value - reference| / max |reference| over all entries (0 if both 0)."""
   value = np.asarray(value, np.float64)
@@ -770,6 +783,7 @@ def bench_hsic(cases: Sequence[HsicCase], policy: TimingPolicy,
   rows = []
   for case in cases:
     log(f"  hsic {case.sizes()}")
+    first_row = len(rows)
     features = hsic_inputs(case)
     on_device = jnp.asarray(features)
     common = dict(kernel="hsic", case=case.sizes(), dtype="float32", rates=rates,
@@ -820,6 +834,8 @@ def bench_hsic(cases: Sequence[HsicCase], policy: TimingPolicy,
           agreement=dict(loss=float(value), ref_loss=float(ref_value),
                          loss_error=loss_error, grad_error=grad_error),
           flops=flops, nbytes=nbytes, target_ratio=target, **common))
+    for row in rows[first_row:]:
+      log(progress_line(row))
   return rows
 
 
@@ -976,6 +992,7 @@ def bench_gmm(cases: Sequence[GmmCase], policy: TimingPolicy, rates: dict[str, A
                        path=gmm_path(case, dtype), ref_dtype="float64"),
         flops=flops, nbytes=nbytes, rates=rates,
         target_ratio=5.0 if case.points == 1000 else 1.0))
+    log(progress_line(rows[-1]))
   return rows
 
 
@@ -1089,6 +1106,7 @@ def bench_triplet(cases: Sequence[TripletCase], policy: TimingPolicy,
                          loss_error=loss_error, grad_error=grad_error),
           flops=flops, nbytes=nbytes, rates=rates,
           target_ratio=2.0 if case.triplets >= 256 else None))
+      log(progress_line(rows[-1]))
   return rows
 
 
@@ -1225,6 +1243,11 @@ def _run(*, only, sizes, policy, hsic_reference, gmm_dtype, use_tensorflow,
          extra_references, thread_info, log) -> dict[str, Any]:
   """The body of :func:`run_benchmark`, under its thread limits."""
   start = time.perf_counter()
+  printer = log
+
+  def log(message):   # every progress message with the seconds since the start
+    printer(f"[{time.perf_counter() - start:7.1f} s] {message}")
+
   load_start = os.getloadavg()
   dtypes = ["float32"] + ([gmm_dtype] if "gmm" in only and gmm_dtype != "float32" else [])
   log("measuring the machine (matmul, copy)")

@@ -28,17 +28,39 @@ quiet = lambda *args, **kwargs: None
 
 def run_tiny(**kwargs):
   # malloc='default': the allocator setting is process-wide, not for pytest.
-  kwargs = dict(sizes="tiny", policy=TINY, threads=0, malloc="default", log=quiet,
-                **kwargs)
+  kwargs = {**dict(sizes="tiny", policy=TINY, threads=0, malloc="default", log=quiet),
+            **kwargs}
   return bm.run_benchmark(**kwargs)
 
 
 @pytest.fixture(scope="module")
-def report():
-  return run_tiny()
+def report_and_log():
+  messages = []
+  return run_tiny(log=messages.append), messages
+
+
+@pytest.fixture(scope="module")
+def report(report_and_log):
+  return report_and_log[0]
 
 
 # ---------------------------------------------------------------- the report
+def test_progress_log_times_every_row(report_and_log):
+  report, messages = report_and_log
+  # Every message carries the seconds since the start, never decreasing.
+  elapsed = [float(m[1:m.index(" s]")]) for m in messages]
+  assert all(m.startswith("[") for m in messages) and elapsed == sorted(elapsed)
+  assert elapsed[-1] <= report["wall_s"]
+  # One progress line per row, in order, with its medians and first calls.
+  lines = [m for m in messages if " vs " in m and "first calls" in m]
+  assert len(lines) == len(report["rows"])
+  for line, row in zip(lines, report["rows"]):
+    expected = bm.progress_line(bm.Row(**row))
+    assert line.endswith(expected)
+    assert f"{row['mode']} vs {row['reference']}" in line
+    assert f"{row['first_call_s']:.2f} s and {row['ref_first_call_s']:.2f} s" in line
+
+
 def test_report_has_the_documented_fields(report):
   assert set(report) == {"machine", "settings", "rows", "targets", "wall_s"}
   machine = report["machine"]
