@@ -1,7 +1,7 @@
 """Loss-kernel throughput: this project's JAX kernels against what a user would run.
 
 ``python -m comtriplet_jax.benchmark [--only=hsic,gmm,triplet] [--sizes=default]
-[--repeats=N] [--threads=1] [--malloc=retain] [--json_out=PATH]``
+[--repeats=N] [--threads=1] [--malloc=auto] [--json_out=PATH]``
 
 Every kernel is timed in this one process against the reference a user would
 otherwise run, on the same random inputs, and the two results are checked to
@@ -83,8 +83,8 @@ JAX's host-side work are affected.
 
 Memory allocator
 ----------------
-``--malloc=retain`` (the default) makes glibc's malloc keep freed memory for
-reuse before any library starts (one arena; mmap and trim thresholds of 1 GiB,
+``--malloc=retain`` (what the default, ``auto``, picks on CPU) makes glibc's
+malloc keep freed memory for reuse before any library starts (one arena; mmap and trim thresholds of 1 GiB,
 :func:`retain_freed_memory`), for every library in the process alike. Why:
 XLA:CPU takes each output buffer from malloc, and glibc serves a request above
 32 MB (the largest mmap threshold it adapts to) with a fresh ``mmap`` and hands
@@ -93,6 +93,13 @@ whole output afresh; TensorFlow keeps its own pool. Measured here on one thread
 for a fresh 77 MB output (the HSIC gradient at B = 32, N = 196, C = 1024) of
 ``x * 2``: JAX 36.6 ms with glibc's defaults, 6.8 ms retained, TensorFlow
 5.6 ms. ``--malloc=default`` leaves glibc as it is; the header says which.
+``auto`` picks ``default`` when JAX is going to run on a GPU or TPU (judged
+before its backends start: ``JAX_PLATFORMS``, else an installed PJRT plugin or
+libtpu, :func:`accelerator_expected`): there the kernels' outputs live on the
+device, and one arena serialises the host allocations of every thread. On an
+H100 machine (16 cores) the benchmark under ``retain`` needed 50 to 100 s per
+case where a plain script compiled and timed the same kernels in under 12 s;
+that the single arena is the cause is not yet measured.
 
 Floor
 -----
@@ -396,6 +403,48 @@ def limit_threads(threads: int, stack: contextlib.ExitStack) -> dict[str, Any]:
           os.sched_setaffinity(int(task), allowed)
     info["xla_cpu_pool_limited"] = True
   return info
+
+
+MALLOC_CHOICES = ("auto", "retain", "default")
+_ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")
+
+
+def accelerator_expected(platforms: str | None = None) -> bool:
+  """Whether JAX will run on a GPU or TPU, judged without starting its backends.
+
+  ``platforms`` (default: ``jax_platforms``, i.e. ``JAX_PLATFORMS``) decides
+  when set: its first entry. Else
+  an installed PJRT plugin (the ``jax_plugins`` namespace or entry points, how
+  the CUDA and ROCm plugins register) or libtpu says an accelerator backend
+  will be tried; without the device itself JAX then falls back to the CPU, which
+  this cannot see.
+  """
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  if platforms is None:
+    platforms = jax.config.jax_platforms
+  platforms = (platforms or "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0].strip() in _ACCELERATOR_PLATFORMS
+  try:
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+      return True
+  except ImportError:
+    pass
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def resolve_malloc(malloc: str) -> str:
+  """'retain' or 'default' for a --malloc choice ('auto': retain unless on an accelerator)."""
+  if malloc not in MALLOC_CHOICES:
+    raise ValueError(f"malloc must be one of {MALLOC_CHOICES}, got {malloc!r}")
+  if malloc == "auto":
+    return "default" if accelerator_expected() else "retain"
+  return malloc
 
 
 def retain_freed_memory(enable: bool) -> dict[str, Any]:
@@ -1196,7 +1245,7 @@ def run_benchmark(*, only: Sequence[str] = KERNELS, sizes: str = "default",
                   policy: TimingPolicy = TimingPolicy(),
                   hsic_reference: str = "authors", gmm_dtype: str = "float32",
                   use_tensorflow: bool = True, extra_references: bool = True,
-                  threads: int = 0, malloc: str = "retain",
+                  threads: int = 0, malloc: str = "auto",
                   log=print) -> dict[str, Any]:
   """Runs the selected benchmarks and returns the JSON-ready report.
 
@@ -1211,7 +1260,8 @@ def run_benchmark(*, only: Sequence[str] = KERNELS, sizes: str = "default",
     extra_references: also the informational HSIC rows.
     threads: CPU threads per library, the same for kernels and references
       (:func:`limit_threads`); 0 leaves the libraries' defaults.
-    malloc: 'retain' (:func:`retain_freed_memory`) or 'default'.
+    malloc: 'retain' (:func:`retain_freed_memory`), 'default', or 'auto'
+      (:func:`resolve_malloc`).
     log: progress printer.
 
   Returns:
@@ -1226,9 +1276,8 @@ def run_benchmark(*, only: Sequence[str] = KERNELS, sizes: str = "default",
     raise ValueError(f"gmm_dtype must be float32 or float64, got {gmm_dtype!r}")
   if gmm_dtype == "float64" and "gmm" in only and not jax.config.jax_enable_x64:
     raise ValueError("gmm_dtype='float64' needs jax_enable_x64 (set JAX_ENABLE_X64=1)")
-  if malloc not in ("retain", "default"):
-    raise ValueError(f"malloc must be 'retain' or 'default', got {malloc!r}")
-  malloc_info = retain_freed_memory(malloc == "retain")
+  resolved = resolve_malloc(malloc)
+  malloc_info = dict(retain_freed_memory(resolved == "retain"), requested=malloc)
   with contextlib.ExitStack() as stack:
     thread_info = limit_threads(threads, stack)
     thread_info["malloc"] = malloc_info
@@ -1304,7 +1353,8 @@ def _format_threads(info: dict[str, Any]) -> str:
 
 def _format_malloc(info: dict[str, Any] | None) -> str:
   if not info or info["malloc"] == "default":
-    return "glibc defaults"
+    return "glibc defaults" + (" (auto: an accelerator)" if info and
+                               info.get("requested") == "auto" else "")
   if not info["applied"]:
     return "retain requested, not applied (not glibc)"
   return ("freed memory retained for reuse (glibc: 1 arena, mmap and trim "
@@ -1361,9 +1411,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--threads", type=int, default=1,
                       help="CPU threads for every library, kernels and references "
                       "alike (0: each library's default)")
-  parser.add_argument("--malloc", default="retain", choices=("retain", "default"),
+  parser.add_argument("--malloc", default="auto", choices=MALLOC_CHOICES,
                       help="retain: glibc keeps freed memory for reuse, for every "
-                      "library alike (see the module docstring); default: as is")
+                      "library alike (see the module docstring); default: as is; "
+                      "auto: retain unless JAX runs on a GPU or TPU")
   parser.add_argument("--json_out", default=None, help="write the report as JSON here")
   return parser.parse_args(argv)
 

@@ -386,6 +386,22 @@ def test_command_line_writes_the_json(tmp_path, capsys):
     bm.run_benchmark(sizes="tiny", malloc="tcmalloc", log=quiet)
 
 
+def test_auto_malloc_retains_on_cpu_and_not_on_accelerators(monkeypatch):
+  assert bm.resolve_malloc("retain") == "retain"
+  assert bm.resolve_malloc("default") == "default"
+  with pytest.raises(ValueError, match="malloc"):
+    bm.resolve_malloc("jemalloc")
+  for platforms, accelerator in (("cpu", False), ("cuda,cpu", True), ("tpu", True),
+                                 ("cpu,cuda", False), (" ROCM ", True)):
+    assert bm.accelerator_expected(platforms) == accelerator, platforms
+  # Unset: judged from the installed plugins; this test machine has none.
+  assert jax.default_backend() == "cpu"
+  assert not bm.accelerator_expected("")
+  assert bm.resolve_malloc("auto") == "retain"
+  monkeypatch.setattr(bm, "accelerator_expected", lambda platforms=None: True)
+  assert bm.resolve_malloc("auto") == "default"
+
+
 def test_retaining_freed_memory_applies_before_the_backends_start():
   # In a fresh interpreter, as the command line does it (process-wide setting).
   code = ("import json; from comtriplet_jax import benchmark as bm; "
