@@ -84,9 +84,9 @@ JAX's host-side work are affected.
 Memory allocator
 ----------------
 ``--malloc=retain`` (what the default, ``auto``, picks on CPU) makes glibc's
-malloc keep freed memory for reuse before any library starts (one arena; mmap and trim thresholds of 1 GiB,
-:func:`retain_freed_memory`), for every library in the process alike. Why:
-XLA:CPU takes each output buffer from malloc, and glibc serves a request above
+malloc keep freed memory for reuse before any library starts (one arena; mmap
+and trim thresholds of 1 GiB, :func:`retain_freed_memory`), for every library
+in the process alike. Why: XLA:CPU takes each output buffer from malloc, and glibc serves a request above
 32 MB (the largest mmap threshold it adapts to) with a fresh ``mmap`` and hands
 it back with ``munmap`` when freed, so every call pays the page faults of its
 whole output afresh; TensorFlow keeps its own pool. Measured here on one thread
@@ -413,11 +413,10 @@ def accelerator_expected(platforms: str | None = None) -> bool:
   """Whether JAX will run on a GPU or TPU, judged without starting its backends.
 
   ``platforms`` (default: ``jax_platforms``, i.e. ``JAX_PLATFORMS``) decides
-  when set: its first entry. Else
-  an installed PJRT plugin (the ``jax_plugins`` namespace or entry points, how
-  the CUDA and ROCm plugins register) or libtpu says an accelerator backend
-  will be tried; without the device itself JAX then falls back to the CPU, which
-  this cannot see.
+  when set: its first entry. Else an installed PJRT plugin (the ``jax_plugins``
+  namespace or entry points, how the CUDA and ROCm plugins register) or libtpu
+  says an accelerator backend will be tried; if its device is missing, JAX
+  falls back to the CPU, which this cannot see.
   """
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
