@@ -50,7 +50,7 @@ def test_progress_log_times_every_row(report_and_log):
   # Every message carries the seconds since the start, never decreasing.
   elapsed = [float(m[1:m.index(" s]")]) for m in messages]
   assert all(m.startswith("[") for m in messages) and elapsed == sorted(elapsed)
-  assert elapsed[-1] <= report["wall_s"]
+  assert elapsed[-1] <= report["wall_s"] + 0.05     # printed to 0.1 s
   # One progress line per row, in order, with its medians and first calls.
   lines = [m for m in messages if " vs " in m and "first calls" in m]
   assert len(lines) == len(report["rows"])
