@@ -929,8 +929,8 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, floa
   def qr(rows, cols):
     return 2.0 * rows * cols**2 - 2.0 * cols**3 / 3.0
 
-  def blocks(d):
-    return 1 if d < 128 else min(4, d // 64)
+  def blocks(d):           # as many column blocks as the fit uses
+    return len(gmm_lib._blocks(d)) - 1  # pylint: disable=protected-access
 
   def gram(rows, d):       # the lower block triangle of a [d, d] Gram matrix
     return rows * d * d * (blocks(d) + 1) / blocks(d)
