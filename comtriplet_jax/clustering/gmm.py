@@ -248,6 +248,14 @@ def _gram_lower(wt: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
   return jnp.concatenate(rows, axis=0)
 
 
+def _regularised_scatters(cols: jax.Array, reg: jax.Array, bounds: tuple[int, ...]
+                          ) -> jax.Array:
+  """[K, d, d] cols_k cols_k^T + reg I, exact in the lower block triangle; cols [K, d, n]."""
+  d = cols.shape[1]
+  grams = jnp.stack([_gram_lower(cols[k], bounds) for k in range(cols.shape[0])])
+  return grams + reg * jnp.eye(d, dtype=cols.dtype)
+
+
 def _symmetrize_lower(g: jax.Array) -> jax.Array:
   """The symmetric [..., d, d] matrix whose lower triangle is g's."""
   d = g.shape[-1]
@@ -366,8 +374,7 @@ class _FullDirect:
 
   def _covariances_lower(self, resp, nk, means):
     cols = _weighted_columns(resp, nk, self.xt, means)                # [K, S, n]
-    eye = self.reg * jnp.eye(self.n_features, dtype=self.x.dtype)
-    return jnp.stack([_gram_lower(cols[k], self.bounds) for k in range(cols.shape[0])]) + eye
+    return _regularised_scatters(cols, self.reg, self.bounds)
 
   def _covariances_from_total(self, resp, nk, means):
     """Covariances (lower triangles), the heaviest one's scatter from the total.
@@ -486,9 +493,8 @@ class _FullSubspace:
     del params
     nk, means = _gaussian_statistics(self.x, resp, self.eps)
     rows = _weighted_rows(resp, nk, self.x, means)                   # [K, n, S]
-    bounds = _blocks(self.n_features)
-    eye = self.reg * jnp.eye(self.n_features, dtype=self.x.dtype)
-    cov = jnp.stack([_gram_lower(rows[k].T, bounds) for k in range(rows.shape[0])]) + eye
+    cov = _regularised_scatters(jnp.swapaxes(rows, -1, -2), self.reg,
+                                _blocks(self.n_features))
     return means, _symmetrize_lower(cov), _upper_inverse(_sqrt_factor(rows, self.reg))
 
 
