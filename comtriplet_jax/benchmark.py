@@ -130,9 +130,11 @@ count 1), for the algorithm that this project's kernel runs:
   - Cholesky path (n > S, or n > S / 2 in float64): M-step means and weighted
     rows ~4 n S K; K - 1 covariances, the lower block triangle of a Gram
     product (up to four column blocks: n S^2 (b + 1) / b), the last one from
-    the total scatter (computed once); Cholesky S^3 / 3 K; E-step by triangular
-    solves n S^2 K, or, when n >= 2 S, a blocked triangular inverse and a
-    block-triangular product per component.
+    the total scatter (computed once); then either a Cholesky factor,
+    S^3 / 3 K, and an E-step by triangular solves, n S^2 K, or, when
+    n >= 2 S, per component the Cholesky factor together with its inverse
+    (recursive halving into products, LAPACK below 64: about S^3 as run) and
+    a block-triangular product.
   - square-root path (float32, S / 2 < n <= S): the M-step factors the stacked
     [(n + S), S] matrix by Householder QR, 2 (n + S) S^2 - 2 S^3 / 3 per
     component, instead of covariance and Cholesky; E-step n S^2 K; the
@@ -140,7 +142,7 @@ count 1), for the algorithm that this project's kernel runs:
   - subspace path (2 n <= S): one QR of the [S, n] data, 2 S n^2 - 2 n^3 / 3; per
     iteration the QR path in r = n dimensions; then, once, the S-dimensional
     outputs: covariances, a QR of [(n + S), S] per component and the
-    triangular inverse.
+    triangular inverse (recursive halving: about 2 S^3 / 3 as run).
 
   Iterations: the JAX fit's ``n_iter`` M-steps and E-steps plus the initial
   ones; the k-means initialisation is not counted (so the floor is a little
@@ -935,14 +937,23 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, floa
   def gram(rows, d):       # the lower block triangle of a [d, d] Gram matrix
     return rows * d * d * (blocks(d) + 1) / blocks(d)
 
-  def inverse(d):          # a blocked triangular inverse
-    b = blocks(d)
-    return d**3 * (b + 1) * (2 * b + 1) / (6 * b**2)
+  def inverse(d):          # recursive halving into products, LAPACK leaves
+    if d <= gmm_lib._LEAF:  # pylint: disable=protected-access
+      return float(d**3)    # a triangular solve against the identity
+    h = gmm_lib._split(d)   # pylint: disable=protected-access
+    return inverse(h) + inverse(d - h) + 2.0 * h * (d - h) * d
+
+  def cholesky_inverse(d):  # the factor and its inverse together, likewise
+    if d <= gmm_lib._LEAF:  # pylint: disable=protected-access
+      return d**3 / 3 + float(d**3)
+    h = gmm_lib._split(d)   # pylint: disable=protected-access
+    return cholesky_inverse(h) + cholesky_inverse(d - h) + 4.0 * h * (d - h) * d
 
   path = gmm_path(case, dtype)
   if path == "cholesky":
-    e_step = k * (inverse(s) + gram(n, s)) if n >= 2 * s else k * n * s * s
-    per_step = 4 * n * s * k + (k - 1) * gram(n, s) + k * s**3 / 3 + e_step
+    e_step = (k * (cholesky_inverse(s) + gram(n, s)) if n >= 2 * s
+              else k * (s**3 / 3 + n * s * s))
+    per_step = 4 * n * s * k + (k - 1) * gram(n, s) + e_step
     once = gram(n, s) + (0.0 if n >= 2 * s else k * inverse(s))
   elif path == "square_root":
     per_step = k * (4 * n * s + qr(n + s, s) + n * s * s)

@@ -150,6 +150,30 @@ def test_block_triangular_helpers_in_float64(x64):
   np.testing.assert_allclose(maha_inverse, expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("d", [50, 200, 333])
+def test_recursive_cholesky_and_inverse_in_float64(x64, d):
+  # 50 is one LAPACK leaf; 200 and 333 split into products, unevenly.
+  rng = np.random.default_rng(d)
+  w = rng.standard_normal((2 * d, d))
+  a = w.T @ w / (2 * d) + 0.1 * np.eye(d)
+  garbage_above = np.tril(a) + np.triu(rng.standard_normal((d, d)), 1)  # only the lower triangle is read
+  upper, inverse = jax.jit(gmm._cholesky_inverse_2d)(garbage_above)
+  expected = np.linalg.cholesky(a).T
+  np.testing.assert_allclose(upper, expected, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(inverse, np.linalg.inv(expected), rtol=1e-9, atol=1e-11)
+  np.testing.assert_allclose(jax.jit(gmm._upper_inverse)(expected[None]),
+                             np.linalg.inv(expected)[None], rtol=1e-9, atol=1e-11)
+
+
+def test_recursive_cholesky_of_an_indefinite_matrix_is_not_finite():
+  # `_FullDirect.m_step` relies on this to fall back to QR.
+  d = 150
+  a = np.eye(d, dtype=np.float32)
+  a[140, 140] = -1.0   # the last leaf fails
+  upper, _ = jax.jit(gmm._cholesky_inverse_2d)(a)
+  assert not np.all(np.isfinite(upper))
+
+
 def _derived_and_direct(x, resp, reg=1e-6):
   """(checked, from-total, direct) covariances of `_FullDirect`, lower triangles."""
   xc = jnp.asarray(x - x.mean(0))
