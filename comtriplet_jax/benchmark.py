@@ -141,8 +141,11 @@ count 1), for the algorithm that this project's kernel runs:
     covariances and the inverse factors once, for the outputs.
   - subspace path (2 n <= S): one QR of the [S, n] data, 2 S n^2 - 2 n^3 / 3; per
     iteration the QR path in r = n dimensions; then, once, the S-dimensional
-    outputs: covariances, a QR of [(n + S), S] per component and the
-    triangular inverse (recursive halving: about 2 S^3 / 3 as run).
+    outputs: covariances, the QR factor of [(n + S), S] per component (for
+    3 n <= S panel by panel, skipping the identity's zeros: a dense QR of
+    [n + 64, 64] per panel, its complete Q, and a product with the trailing
+    columns, about n (n + 64) S^2 / 64 in all) and the triangular inverse
+    (recursive halving: about 2 S^3 / 3 as run).
 
   Iterations: the JAX fit's ``n_iter`` M-steps and E-steps plus the initial
   ones; the k-means initialisation is not counted (so the floor is a little
@@ -949,6 +952,16 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, floa
     h = gmm_lib._split(d)   # pylint: disable=protected-access
     return cholesky_inverse(h) + cholesky_inverse(d - h) + 4.0 * h * (d - h) * d
 
+  def sqrt_factor(m, d):   # R of [m rows; sqrt(reg) I_d]
+    panel = gmm_lib._PANEL  # pylint: disable=protected-access
+    if 3 * m > d or d <= panel:
+      return qr(m + d, d)
+    total = 0.0
+    for lo in range(0, d, panel):  # per panel: QR, its complete Q, the product
+      w = min(panel, d - lo)
+      total += qr(m + w, w) + 4.0 * (m + w)**2 * w + 2.0 * m * (m + w) * (d - lo - w)
+    return total
+
   path = gmm_path(case, dtype)
   if path == "cholesky":
     e_step = (k * (cholesky_inverse(s) + gram(n, s)) if n >= 2 * s
@@ -961,7 +974,7 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, floa
   else:
     r = n
     per_step = k * (4 * n * r + qr(n + r, r) + n * r * r)
-    once = qr(s, n) + k * (gram(n, s) + qr(n + s, s) + inverse(s))
+    once = qr(s, n) + k * (gram(n, s) + sqrt_factor(n, s) + inverse(s))
   itemsize = np.dtype(dtype).itemsize
   return steps * per_step + once, 2.0 * steps * n * s * itemsize
 

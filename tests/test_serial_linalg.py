@@ -65,6 +65,22 @@ def test_qr_r_equals_numpy_up_to_row_signs(batch):
   np.testing.assert_allclose(np.tril(got, -1), 0.0, atol=0)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_qr_complete_is_a_complete_qr(batch):
+  a = np.random.default_rng(5).normal(size=batch + (9, 5))
+  q, r = map(np.asarray, serial_linalg.qr_complete(jnp.asarray(a, jnp.float32)))
+  assert q.shape == batch + (9, 9) and r.shape == batch + (9, 5)
+  np.testing.assert_allclose(q @ r, a, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.swapaxes(q, -1, -2) @ q, np.broadcast_to(np.eye(9), q.shape),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.abs(r[..., :5, :]), np.abs(np.linalg.qr(a, mode="r")),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.tril(r, -1), 0.0, atol=0)
+  vmapped = jax.jit(jax.vmap(serial_linalg.qr_complete))(jnp.asarray(a.reshape((-1, 9, 5)),
+                                                                     jnp.float32))
+  np.testing.assert_allclose(vmapped[0].reshape(q.shape), q, rtol=1e-5, atol=1e-6)
+
+
 def test_vmap_and_broadcast_equal_the_loop():
   rng = np.random.default_rng(3)
   a = jnp.asarray(_spd(rng, (4, 2), 5), jnp.float32)
@@ -84,7 +100,7 @@ def _lapack_batch_dims(hlo: str) -> list[int]:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the wrappers act on CPU only")
 @pytest.mark.parametrize("n,s,vmapped", [(300, 64, False), (300, 64, True), (30, 80, True),
-                                         (60, 64, False)])
+                                         (60, 64, False), (20, 200, True)])
 def test_fit_gmm_calls_no_batched_lapack_kernel(n, s, vmapped):
   rng = np.random.default_rng(4)
   fit = lambda x: gmm.fit_gmm(x, 2, key=jax.random.key(0))

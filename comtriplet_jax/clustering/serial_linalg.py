@@ -49,13 +49,17 @@ def _one_matrix_vmap(fn2d: Callable[..., jax.Array]) -> Callable[..., jax.Array]
   def _vmap_rule(axis_size, in_batched, *operands):
     operands = tuple(x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
                      for x, batched in zip(operands, in_batched))
-    return lax.map(lambda xs: call(*xs), operands), True
+    out = lax.map(lambda xs: call(*xs), operands)
+    return out, jax.tree.map(lambda _: True, out)
 
   return call
 
 
-def _serially(fn2d: Callable[..., jax.Array], *operands: jax.Array) -> jax.Array:
-  """fn2d over the broadcast leading axes of the operands, one matrix at a time."""
+def _serially(fn2d: Callable[..., jax.Array], *operands: jax.Array):
+  """fn2d over the broadcast leading axes of the operands, one matrix at a time.
+
+  fn2d returns an array or a tuple of arrays.
+  """
   if not _on_cpu():
     return fn2d(*operands)
   batch = jnp.broadcast_shapes(*(x.shape[:-2] for x in operands))
@@ -66,10 +70,11 @@ def _serially(fn2d: Callable[..., jax.Array], *operands: jax.Array) -> jax.Array
   count = math.prod(batch)
   flat = tuple(x.reshape((count,) + x.shape[-2:]) for x in operands)
   if count <= _UNROLL_MAX:
-    out = jnp.stack([call(*(x[i] for x in flat)) for i in range(count)])
+    out = jax.tree.map(lambda *xs: jnp.stack(xs),
+                       *[call(*(x[i] for x in flat)) for i in range(count)])
   else:
     out = lax.map(lambda xs: call(*xs), flat)
-  return out.reshape(batch + out.shape[1:])
+  return jax.tree.map(lambda y: y.reshape(batch + y.shape[1:]), out)
 
 
 def cholesky(a: jax.Array, *, symmetrize_input: bool = True) -> jax.Array:
@@ -89,3 +94,8 @@ def triangular_solve(a: jax.Array, b: jax.Array, *, left_side: bool = False,
 def qr_r(a: jax.Array) -> jax.Array:
   """The R factor of the reduced QR factorisation of [..., m, n] a."""
   return _serially(functools.partial(jnp.linalg.qr, mode="r"), a)
+
+
+def qr_complete(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Q [..., m, m] and R [..., m, n] of the complete QR factorisation of [..., m, n] a."""
+  return _serially(functools.partial(jnp.linalg.qr, mode="complete"), a)
