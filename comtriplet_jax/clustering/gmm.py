@@ -215,7 +215,8 @@ def _sqrt_factor_panels(rows: jax.Array, sqrt_reg: jax.Array) -> jax.Array:
   above lo are finished rows of R. So each panel is a dense QR of the
   (m + w) x w matrix [B_panel; sqrt_reg I_w], whose complete Q then carries the
   trailing columns [B_rest; 0] in one product: its first w rows are R's rows
-  lo..hi, the last m the next B. O(m d^2) work instead of O(d^3).
+  lo..hi, the last m the next B. About m (m + w) d^2 / w FLOPs instead of the
+  2 (m + d) d^2 of the dense QR.
   (The m rows come first: jaxlib's QR of [sqrt_reg I; B], identity on top,
   loses ~1e-4 relative accuracy of the small diagonal entries in float32.)
   """
@@ -514,27 +515,25 @@ class _FullDirect:
     nk, means = _gaussian_statistics(self.x, resp, self.eps)
     rows = lambda: _weighted_rows(resp, nk, self.x, means)           # [K, n, S]
     if self.square_root:
-      # The covariances are only an output: formed once, in `finalize`.
-      upper, cov = _sqrt_factor(rows(), self.reg), None
+      # The covariances are only an output: formed once, in `finalize`. (n <= S,
+      # so the E-step solves with R: no inverse.)
+      return nk, (means, _sqrt_factor(rows(), self.reg), None, None)
+    cov = self._covariances_checked(resp, nk, means)
+    if self.use_inverse:
+      upper, prec = map(jnp.stack, zip(*[_cholesky_inverse_2d(c) for c in cov]))
     else:
-      cov = self._covariances_checked(resp, nk, means)
-      if self.use_inverse:
-        upper, prec = map(jnp.stack, zip(*[_cholesky_inverse_2d(c) for c in cov]))
-      else:
-        upper = jnp.swapaxes(serial_linalg.cholesky(cov, symmetrize_input=False), -1, -2)
-        prec = None
-      pivots = jnp.diagonal(upper, axis1=-2, axis2=-1)
-      diag = jnp.diagonal(cov, axis1=-2, axis2=-1)
-      lost = ~jnp.all(jnp.isfinite(upper)) | jnp.any(
-          pivots * pivots < _PIVOT_EPS_FACTOR * self.eps * diag)
+      upper = jnp.swapaxes(serial_linalg.cholesky(cov, symmetrize_input=False), -1, -2)
+      prec = None
+    pivots = jnp.diagonal(upper, axis1=-2, axis2=-1)
+    diag = jnp.diagonal(cov, axis1=-2, axis2=-1)
+    lost = ~jnp.all(jnp.isfinite(upper)) | jnp.any(
+        pivots * pivots < _PIVOT_EPS_FACTOR * self.eps * diag)
 
-      def refactor():
-        qr_upper = _sqrt_factor(rows(), self.reg)
-        return qr_upper, _upper_inverse(qr_upper) if self.use_inverse else None
+    def refactor():
+      qr_upper = _sqrt_factor(rows(), self.reg)
+      return qr_upper, _upper_inverse(qr_upper) if self.use_inverse else None
 
-      upper, prec = lax.cond(lost, refactor, lambda: (upper, prec))
-      return nk, (means, upper, prec, cov)
-    prec = _upper_inverse(upper) if self.use_inverse else None
+    upper, prec = lax.cond(lost, refactor, lambda: (upper, prec))
     return nk, (means, upper, prec, cov)
 
   def log_gauss(self, params):
