@@ -181,7 +181,8 @@ def test_recursive_cholesky_and_inverse_in_float64(x64, d):
   rng = np.random.default_rng(d)
   w = rng.standard_normal((2 * d, d))
   a = w.T @ w / (2 * d) + 0.1 * np.eye(d)
-  garbage_above = np.tril(a) + np.triu(rng.standard_normal((d, d)), 1)  # only the lower triangle is read
+  # Only the lower triangle may be read.
+  garbage_above = np.tril(a) + np.triu(rng.standard_normal((d, d)), 1)
   upper, inverse = jax.jit(gmm._cholesky_inverse_2d)(garbage_above)
   expected = np.linalg.cholesky(a).T
   np.testing.assert_allclose(upper, expected, rtol=1e-10, atol=1e-12)
