@@ -195,7 +195,7 @@ def _sqrt_factor(rows: jax.Array, reg_covar: jax.Array) -> jax.Array:
   the zeros of the identity part are skipped (`_sqrt_factor_panels`).
   """
   m, d = rows.shape[-2:]
-  if 3 * m <= d and d > _PANEL:
+  if _uses_panels(m, d):
     flat = rows.reshape((-1, m, d))
     sqrt_reg = jnp.sqrt(reg_covar).astype(rows.dtype)
     r = jnp.stack([_sqrt_factor_panels(flat[i], sqrt_reg) for i in range(flat.shape[0])])
@@ -204,6 +204,11 @@ def _sqrt_factor(rows: jax.Array, reg_covar: jax.Array) -> jax.Array:
                          rows.shape[:-2] + (d, d))
   r = serial_linalg.qr_r(jnp.concatenate([rows, eye], axis=-2))
   return _positive_diagonal(r)
+
+
+def _uses_panels(m: int, d: int) -> bool:
+  """Whether `_sqrt_factor` of [m, d] rows goes panel by panel (measured faster)."""
+  return 3 * m <= d and d > _PANEL
 
 
 def _sqrt_factor_panels(rows: jax.Array, sqrt_reg: jax.Array) -> jax.Array:
