@@ -86,10 +86,11 @@ Memory allocator
 ``--malloc=retain`` (what the default, ``auto``, picks on CPU) makes glibc's
 malloc keep freed memory for reuse before any library starts (one arena; mmap
 and trim thresholds of 1 GiB, :func:`retain_freed_memory`), for every library
-in the process alike. Why: XLA:CPU takes each output buffer from malloc, and glibc serves a request above
-32 MB (the largest mmap threshold it adapts to) with a fresh ``mmap`` and hands
-it back with ``munmap`` when freed, so every call pays the page faults of its
-whole output afresh; TensorFlow keeps its own pool. Measured here on one thread
+in the process alike. Why: XLA:CPU takes each output buffer from malloc, and
+glibc serves a request above 32 MB (the largest mmap threshold it adapts to)
+with a fresh ``mmap`` and hands it back with ``munmap`` when freed, so every
+call pays the page faults of its whole output afresh; TensorFlow keeps its own
+pool. Measured here on one thread
 for a fresh 77 MB output (the HSIC gradient at B = 32, N = 196, C = 1024) of
 ``x * 2``: JAX 36.6 ms with glibc's defaults, 6.8 ms retained, TensorFlow
 5.6 ms. ``--malloc=default`` leaves glibc as it is; the header says which.
@@ -953,9 +954,9 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, floa
     return cholesky_inverse(h) + cholesky_inverse(d - h) + 4.0 * h * (d - h) * d
 
   def sqrt_factor(m, d):   # R of [m rows; sqrt(reg) I_d]
-    panel = gmm_lib._PANEL  # pylint: disable=protected-access
-    if 3 * m > d or d <= panel:
+    if not gmm_lib._uses_panels(m, d):  # pylint: disable=protected-access
       return qr(m + d, d)
+    panel = gmm_lib._PANEL  # pylint: disable=protected-access
     total = 0.0
     for lo in range(0, d, panel):  # per panel: QR, its complete Q, the product
       w = min(panel, d - lo)
