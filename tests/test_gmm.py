@@ -109,12 +109,13 @@ def test_square_root_factor_is_the_cholesky_factor_in_float64(x64):
                                rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("m,d", [(20, 200), (45, 64 * 3)])
-def test_square_root_factor_by_panels_in_float64(x64, m, d):
+@pytest.mark.parametrize("m,d", [(20, 200), (45, 64 * 3), (100, 120)])
+def test_square_root_factor_in_float64(x64, m, d):
   # 3 m <= d: the panel-by-panel QR that skips the identity's zeros (uneven
-  # last panel for d = 200).
+  # last panel for d = 200); (100, 120): the dense QR of the stacked matrix.
   rows = np.random.default_rng(m).normal(size=(2, m, d)) * 0.1
-  upper = np.asarray(jax.jit(gmm._sqrt_factor)(jnp.asarray(rows), jnp.asarray(1e-6)))
+  cols = jnp.asarray(np.swapaxes(rows, -1, -2))
+  upper = np.asarray(jax.jit(gmm._sqrt_factor)(cols, jnp.asarray(1e-6)))
   for k in range(2):
     expected = np.linalg.cholesky(rows[k].T @ rows[k] + 1e-6 * np.eye(d)).T
     np.testing.assert_allclose(upper[k], expected, rtol=1e-7, atol=1e-12)
@@ -129,7 +130,8 @@ def test_square_root_factor_by_panels_keeps_small_pivots_in_float32():
   expected = np.diag(np.linalg.cholesky(
       rows[0].T.astype(np.float64) @ rows[0] + 1e-6 * np.eye(d)))
   reg = jnp.asarray(1e-6, jnp.float32)
-  panels = np.diagonal(np.asarray(jax.jit(gmm._sqrt_factor)(jnp.asarray(rows), reg))[0])
+  cols = jnp.asarray(np.swapaxes(rows, -1, -2))
+  panels = np.diagonal(np.asarray(jax.jit(gmm._sqrt_factor)(cols, reg))[0])
   assert np.max(np.abs(panels / expected - 1)) < 1e-5
   assert np.min(expected) < 1.1e-3   # the test does reach the small pivots
 
