@@ -149,8 +149,10 @@ count 1), for the algorithm that this project's kernel runs:
     (recursive halving: about 2 S^3 / 3 as run).
 
   Iterations: the JAX fit's ``n_iter`` M-steps and E-steps plus the initial
-  ones; the k-means initialisation is not counted (so the floor is a little
-  low and the fraction conservative). Bytes: the data read twice per iteration.
+  ones, less the ``n_reused`` iterations at EM's fixed point, which reuse the
+  previous M-step (their few [n, K] operations are not counted); the k-means
+  initialisation is not counted (so the floor is a little low and the fraction
+  conservative). Bytes: the data read twice per computed iteration.
 * Triplet losses with gradients, per triplet: 6 row dot products 12 S forward,
   each of the 3 gradients a combination of the 3 inputs ~6 S each backward:
   30 S FLOPs; bytes: 3 inputs read and 3 gradients written, 6 S words. These
@@ -920,8 +922,12 @@ def gmm_path(case: GmmCase, dtype: str) -> str:
   return "cholesky"
 
 
-def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, float]:
+def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str,
+                    n_reused: int = 0) -> tuple[float, float]:
   """Analytic FLOPs and bytes of a ``fit_gmm`` run of ``n_iter`` iterations.
+
+  ``n_reused`` of them reused the previous M-step and log-densities (EM's fixed
+  point, ``GMMResult.n_reused``) and count as no work.
 
   Follows the algebra of :mod:`comtriplet_jax.clustering.gmm`: products with a
   symmetric or triangular operand skip the blocks above the diagonal of its
@@ -930,7 +936,8 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str) -> tuple[float, floa
   accuracy check).
   """
   n, s, k = case.points, case.features, case.components
-  steps = n_iter + 1   # plus the M-step from the k-means labels and its E-step
+  # Plus the M-step from the k-means labels and its E-step; less the reused ones.
+  steps = n_iter + 1 - n_reused
 
   def qr(rows, cols):
     return 2.0 * rows * cols**2 - 2.0 * cols**3 / 3.0
@@ -1049,8 +1056,8 @@ def bench_gmm(cases: Sequence[GmmCase], policy: TimingPolicy, rates: dict[str, A
     loglik_ok = loglik_diff <= GMM_LOGLIK_ATOL + GMM_LOGLIK_RTOL * abs(ref_loglik)
     agrees = (loglik_ok and agreement_fraction >= GMM_LABEL_AGREEMENT
               and nan_count == 0 and ref_nan_count == 0)
-    n_iter = int(result.n_iter)
-    flops, nbytes = gmm_flops_bytes(case, n_iter, dtype)
+    n_iter, n_reused = int(result.n_iter), int(result.n_reused)
+    flops, nbytes = gmm_flops_bytes(case, n_iter, dtype, n_reused)
     rows.append(_row(
         kernel="gmm", mode="fit", case=case.sizes(), dtype=dtype,
         reference="sklearn", ours=ours, ref=ref, agrees=agrees,
@@ -1059,7 +1066,8 @@ def bench_gmm(cases: Sequence[GmmCase], policy: TimingPolicy, rates: dict[str, A
         agreement=dict(label_agreement=agreement_fraction, loglik=loglik,
                        ref_loglik=ref_loglik, loglik_abs_diff=loglik_diff,
                        nan_count=nan_count, ref_nan_count=ref_nan_count,
-                       n_iter=n_iter, ref_n_iter=int(reference.n_iter_),
+                       n_iter=n_iter, n_reused=n_reused,
+                       ref_n_iter=int(reference.n_iter_),
                        converged=bool(result.converged),
                        ref_converged=bool(reference.converged_),
                        path=gmm_path(case, dtype), ref_dtype="float64"),

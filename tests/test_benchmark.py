@@ -346,6 +346,8 @@ def test_analytic_counts():
   # The same work per EM iteration, on top of a once-only part (the total scatter).
   assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0])
   assert flops[0] > 3 * (flops[1] - flops[0]) and bytes_4 / bytes_2 == 5 / 3
+  # An iteration that reused the previous M-step (EM's fixed point) is no work.
+  assert bm.gmm_flops_bytes(bm.GmmCase(1000, 64), 4, "float32", 2) == counts[0]
 
 
 def test_thread_limit_caps_blas_and_is_undone():

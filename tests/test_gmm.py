@@ -93,6 +93,61 @@ def test_first_iterations_equal_sklearn_in_float64(x64, n, s, covariance_type):
                                atol=1e-6)
 
 
+def test_fixed_point_reuse_equals_sklearn_in_float64(x64):
+  # Clusters 0.01 wide and ~1 apart: from iteration 2 on the responsibilities are
+  # exactly 0 and 1, so later iterations reuse the M-step (point 9 of the module
+  # docstring), and the parameters are still scikit-learn's after each one.
+  x, labels = _two_clusters(40, 20, 5, seed=3, spread=0.01)
+  weights = np.array([0.5, 0.5])
+  means = np.stack([x[labels == k].mean(0) for k in (0, 1)]) + 0.003
+  precisions = np.stack([np.eye(5) / 0.02**2] * 2)
+  reused = []
+  for max_iter in (1, 2, 3, 4, 5):
+    ref = _sklearn(x, tol=0.0, max_iter=max_iter, weights_init=weights,
+                   means_init=means, precisions_init=precisions)
+    ours = gmm.fit_gmm(jnp.asarray(x), 2, tol=0.0, max_iter=max_iter, init="given",
+                       weights_init=weights, means_init=means,
+                       precisions_init=precisions)
+    assert int(ours.n_iter) == ref.n_iter_ == max_iter
+    assert _rel(ours.weights, ref.weights_) < 1e-6
+    assert _rel(ours.means, ref.means_) < 1e-6
+    assert _rel(ours.covariances, ref.covariances_) < 1e-6
+    assert _rel(ours.precisions_cholesky, ref.precisions_cholesky_) < 1e-6
+    assert float(ours.lower_bound) == pytest.approx(ref.lower_bound_, rel=1e-9)
+    np.testing.assert_allclose(np.asarray(ours.responsibilities), ref.predict_proba(x),
+                               atol=1e-12)
+    reused.append(int(ours.n_reused))
+  # Iteration 1 starts from the given parameters (nothing to reuse); every later
+  # one sees the responsibilities of iteration 1 again.
+  assert reused == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("s", [64, 256])
+def test_float32_fixed_point_parameters_belong_to_the_responsibilities(s):
+  # n > S, separated clusters (the benchmark's data): at S = 256 the
+  # responsibilities of the k-means labels are already EM's fixed point in float32
+  # (both iterations reuse the M-step); at S = 64 they are not saturated. Either
+  # way the returned parameters are the M-step of the returned responsibilities,
+  # computed here in float64.
+  rng = np.random.default_rng(s)
+  labels = (np.arange(600) < 200).astype(np.int64)
+  x = (rng.standard_normal((600, s)) + labels[:, None] + 0.5).astype(np.float32)
+  ours = gmm.fit_gmm(x, 2, key=jax.random.PRNGKey(0))
+  assert bool(ours.converged) and int(ours.n_iter) == 2
+  if s == 256:
+    assert int(ours.n_reused) == 2
+  resp = np.asarray(ours.responsibilities, np.float64)
+  assert metrics.adjusted_rand_score(labels, resp.argmax(1)) == 1.0
+  xd = x.astype(np.float64)
+  nk = resp.sum(0)
+  np.testing.assert_allclose(np.asarray(ours.weights), nk / nk.sum(), rtol=1e-5)
+  for k in range(2):
+    mean = resp[:, k] @ xd / nk[k]
+    cov = (resp[:, k] * (xd - mean).T) @ (xd - mean) / nk[k] + 1e-6 * np.eye(s)
+    np.testing.assert_allclose(np.asarray(ours.means[k]), mean, atol=1e-5)
+    assert _rel(ours.covariances[k], cov) < 1e-5
+
+
 def test_square_root_factor_is_the_cholesky_factor_in_float64(x64):
   # The float32 paths factor by QR instead of Cholesky; in float64 both must give
   # scikit-learn's covariance factor.
@@ -330,7 +385,7 @@ def test_predict_functions_match_sklearn(x64, covariance_type):
       covariances=jnp.asarray(ref.covariances_),
       precisions_cholesky=jnp.asarray(ref.precisions_cholesky_),
       responsibilities=jnp.zeros((100, 2)), lower_bound=jnp.asarray(0.0),
-      n_iter=jnp.asarray(0), converged=jnp.asarray(True))
+      n_iter=jnp.asarray(0), converged=jnp.asarray(True), n_reused=jnp.asarray(0))
   new = np.random.default_rng(1).standard_normal((50, 3)) * 2
   np.testing.assert_allclose(np.asarray(gmm.score_samples(result, new)),
                              ref.score_samples(new), rtol=1e-10)
