@@ -81,6 +81,29 @@ def test_qr_complete_is_a_complete_qr(batch):
   np.testing.assert_allclose(vmapped[0].reshape(q.shape), q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not serial_linalg.reflectors_available(),
+                    reason="geqrf is used on CPU only")
+@pytest.mark.parametrize("batch", BATCHES)
+def test_geqrf_reflectors_apply_q_transpose(batch):
+  rng = np.random.default_rng(6)
+  a = jnp.asarray(rng.normal(size=batch + (9, 5)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=batch + (9, 4)), jnp.float32)
+  factored, taus = serial_linalg.geqrf(a)
+  assert factored.shape == a.shape and taus.shape == batch + (5,)
+  q = np.linalg.qr(np.asarray(a, np.float64), mode="complete")[0]
+  r = np.triu(np.asarray(factored)[..., :5, :])
+  # Q R = a for the reflectors' Q, whose first 5 columns are numpy's up to sign.
+  qt_a = np.asarray(serial_linalg.ormqr(factored, taus, a, transpose=True))
+  np.testing.assert_allclose(qt_a[..., :5, :], r, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(qt_a[..., 5:, :], 0.0, atol=1e-5)
+  qt_c = np.asarray(serial_linalg.ormqr(factored, taus, c, transpose=True))
+  expected = np.swapaxes(q, -1, -2) @ np.asarray(c, np.float64)
+  np.testing.assert_allclose(np.abs(qt_c[..., :5, :]), np.abs(expected[..., :5, :]),
+                             rtol=1e-4, atol=1e-5)
+  back = np.asarray(serial_linalg.ormqr(factored, taus, jnp.asarray(qt_c), transpose=False))
+  np.testing.assert_allclose(back, c, rtol=1e-4, atol=1e-5)
+
+
 def test_vmap_and_broadcast_equal_the_loop():
   rng = np.random.default_rng(3)
   a = jnp.asarray(_spd(rng, (4, 2), 5), jnp.float32)
@@ -100,7 +123,8 @@ def _lapack_batch_dims(hlo: str) -> list[int]:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the wrappers act on CPU only")
 @pytest.mark.parametrize("n,s,vmapped", [(300, 64, False), (300, 64, True), (30, 80, True),
-                                         (60, 64, False), (20, 200, True)])
+                                         (60, 64, False), (20, 200, True),
+                                         (150, 256, True)])
 def test_fit_gmm_calls_no_batched_lapack_kernel(n, s, vmapped):
   rng = np.random.default_rng(4)
   fit = lambda x: gmm.fit_gmm(x, 2, key=jax.random.key(0))

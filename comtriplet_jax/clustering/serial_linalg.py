@@ -29,6 +29,13 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+try:
+  # jax.lax.linalg exports ormqr (apply Householder reflectors) but not geqrf,
+  # the factorisation that produces them.
+  from jax._src.lax.linalg import geqrf as _geqrf  # pylint: disable=g-import-not-at-top
+except ImportError:  # pragma: no cover - a JAX without it takes the dense QR paths
+  _geqrf = None
+
 # Up to this many matrices the loop over a static batch is unrolled (independent
 # 2-D calls that XLA may run in parallel); beyond it, lax.map runs them in turn.
 _UNROLL_MAX = 8
@@ -99,3 +106,20 @@ def qr_r(a: jax.Array) -> jax.Array:
 def qr_complete(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Q [..., m, m] and R [..., m, n] of the complete QR factorisation of [..., m, n] a."""
   return _serially(functools.partial(jnp.linalg.qr, mode="complete"), a)
+
+
+def reflectors_available() -> bool:
+  """Whether `geqrf` and `ormqr` can be used here (JAX has geqrf; running on CPU)."""
+  return _geqrf is not None and _on_cpu()
+
+
+def geqrf(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """LAPACK's Householder QR of [..., m, n] a: R above the diagonal, reflectors below, taus."""
+  return _serially(_geqrf, a)
+
+
+def ormqr(a: jax.Array, taus: jax.Array, c: jax.Array, *, transpose: bool) -> jax.Array:
+  """Q^T c (``transpose``) or Q c from `geqrf`'s reflectors, for [..., m, p] c."""
+  # taus travel as [..., 1, k] matrices, as `_serially` splits matrices.
+  fn = lambda a, t, c: lax.linalg.ormqr(a, t[0], c, left=True, transpose=transpose)
+  return _serially(fn, a, taus[..., None, :], c)
