@@ -138,8 +138,11 @@ count 1), for the algorithm that this project's kernel runs:
     a block-triangular product.
   - square-root path (float32, S / 2 < n <= S): the M-step factors the stacked
     [(n + S), S] matrix by Householder QR, 2 (n + S) S^2 - 2 S^3 / 3 per
-    component, instead of covariance and Cholesky; E-step n S^2 K; the
-    covariances and the inverse factors once, for the outputs.
+    component (on CPU for S >= 256 by 64-column panels whose reflectors carry
+    the trailing columns, about 2 n S^2), instead of covariance and Cholesky;
+    E-step n S^2 K; once, for the outputs, the inverse factors and the
+    covariances as R^T R (lower block triangle, inner dimension cut at the
+    block's end: 0.94 S^3 with four blocks).
   - subspace path (2 n <= S): one QR of the [S, n] data, 2 S n^2 - 2 n^3 / 3; per
     iteration the QR path in r = n dimensions; then, once, the S-dimensional
     outputs: covariances, the QR factor of [(n + S), S] per component (for
@@ -961,14 +964,23 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str,
     return cholesky_inverse(h) + cholesky_inverse(d - h) + 4.0 * h * (d - h) * d
 
   def sqrt_factor(m, d):   # R of [m rows; sqrt(reg) I_d]
-    if not gmm_lib._uses_panels(m, d):  # pylint: disable=protected-access
-      return qr(m + d, d)
     panel = gmm_lib._PANEL  # pylint: disable=protected-access
     total = 0.0
-    for lo in range(0, d, panel):  # per panel: QR, its complete Q, the product
-      w = min(panel, d - lo)
-      total += qr(m + w, w) + 4.0 * (m + w)**2 * w + 2.0 * m * (m + w) * (d - lo - w)
-    return total
+    if gmm_lib._uses_panels(m, d):  # pylint: disable=protected-access
+      for lo in range(0, d, panel):  # per panel: QR, its complete Q, the product
+        w = min(panel, d - lo)
+        total += qr(m + w, w) + 4.0 * (m + w)**2 * w + 2.0 * m * (m + w) * (d - lo - w)
+      return total
+    if gmm_lib._uses_reflectors(m, d):  # pylint: disable=protected-access
+      for lo in range(0, d, panel):  # per panel: QR, its reflectors applied (ormqr)
+        w, rest = min(panel, d - lo), max(d - lo - panel, 0)
+        total += qr(m + w, w) + 4.0 * (m + w) * w * rest - 2.0 * w * w * rest
+      return total
+    return qr(m + d, d)
+
+  def factor_gram(d):      # R^T R: lower block triangle, inner dimension cut at hi
+    b = gmm_lib._blocks(d)  # pylint: disable=protected-access
+    return sum(2.0 * (hi - lo) * hi * hi for lo, hi in zip(b[:-1], b[1:]))
 
   path = gmm_path(case, dtype)
   if path == "cholesky":
@@ -977,11 +989,11 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str,
     per_step = 4 * n * s * k + (k - 1) * gram(n, s) + e_step
     once = gram(n, s) + (0.0 if n >= 2 * s else k * inverse(s))
   elif path == "square_root":
-    per_step = k * (4 * n * s + qr(n + s, s) + n * s * s)
-    once = k * (gram(n, s) + inverse(s))
+    per_step = k * (4 * n * s + sqrt_factor(n, s) + n * s * s)
+    once = k * (factor_gram(s) + inverse(s))
   else:
     r = n
-    per_step = k * (4 * n * r + qr(n + r, r) + n * r * r)
+    per_step = k * (4 * n * r + sqrt_factor(n, r) + n * r * r)
     once = qr(s, n) + k * (gram(n, s) + sqrt_factor(n, s) + inverse(s))
   itemsize = np.dtype(dtype).itemsize
   return steps * per_step + once, 2.0 * steps * n * s * itemsize

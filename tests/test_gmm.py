@@ -13,6 +13,7 @@ from sklearn import mixture
 import threadpoolctl
 
 from comtriplet_jax.clustering import gmm
+from comtriplet_jax.clustering import serial_linalg
 
 
 @pytest.fixture(autouse=True)
@@ -120,19 +121,20 @@ def test_fixed_point_reuse_equals_sklearn_in_float64(x64):
   assert reused == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("s", [64, 256])
-def test_float32_fixed_point_parameters_belong_to_the_responsibilities(s):
-  # n > S, separated clusters (the benchmark's data): at S = 256 the
-  # responsibilities of the k-means labels are already EM's fixed point in float32
-  # (both iterations reuse the M-step); at S = 64 they are not saturated. Either
-  # way the returned parameters are the M-step of the returned responsibilities,
-  # computed here in float64.
+@pytest.mark.parametrize("n,s", [(600, 64), (600, 256), (300, 400)])
+def test_float32_fixed_point_parameters_belong_to_the_responsibilities(n, s):
+  # Separated clusters (the benchmark's data): at S >= 256 the responsibilities of
+  # the k-means labels are already EM's fixed point in float32 (both iterations
+  # reuse the M-step); at S = 64 they are not saturated. n <= S < 2n takes the
+  # square-root factor, whose R^T R gives the covariances. Either way the returned
+  # parameters are the M-step of the returned responsibilities, computed here in
+  # float64.
   rng = np.random.default_rng(s)
-  labels = (np.arange(600) < 200).astype(np.int64)
-  x = (rng.standard_normal((600, s)) + labels[:, None] + 0.5).astype(np.float32)
+  labels = (np.arange(n) < n // 3).astype(np.int64)
+  x = (rng.standard_normal((n, s)) + labels[:, None] + 0.5).astype(np.float32)
   ours = gmm.fit_gmm(x, 2, key=jax.random.PRNGKey(0))
   assert bool(ours.converged) and int(ours.n_iter) == 2
-  if s == 256:
+  if s >= 256:
     assert int(ours.n_reused) == 2
   resp = np.asarray(ours.responsibilities, np.float64)
   assert metrics.adjusted_rand_score(labels, resp.argmax(1)) == 1.0
@@ -162,10 +164,11 @@ def test_square_root_factor_is_the_cholesky_factor_in_float64(x64):
                                rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("m,d", [(20, 200), (45, 64 * 3), (100, 120)])
+@pytest.mark.parametrize("m,d", [(20, 200), (45, 64 * 3), (100, 120), (200, 300)])
 def test_square_root_factor_in_float64(x64, m, d):
   # 3 m <= d: the panel-by-panel QR that skips the identity's zeros (uneven
-  # last panel for d = 200); (100, 120): the dense QR of the stacked matrix.
+  # last panel for d = 200); (100, 120): the dense QR of the stacked matrix;
+  # (200, 300): panels by Householder reflectors on CPU (uneven last panel).
   rows = np.random.default_rng(m).normal(size=(2, m, d)) * 0.1
   cols = jnp.asarray(np.swapaxes(rows, -1, -2))
   upper = np.asarray(jax.jit(gmm._sqrt_factor)(cols, jnp.asarray(1e-6)))
@@ -174,19 +177,26 @@ def test_square_root_factor_in_float64(x64, m, d):
     np.testing.assert_allclose(upper[k], expected, rtol=1e-7, atol=1e-12)
 
 
-def test_square_root_factor_by_panels_keeps_small_pivots_in_float32():
+@pytest.mark.parametrize("m", [45, 200])
+def test_square_root_factor_by_panels_keeps_small_pivots_in_float32(m):
   # The diagonal entries near sqrt(reg) = 1e-3 are what the square-root
-  # factorisation is for: the panels keep them to float32 accuracy, like the
-  # dense QR of the whole stacked matrix.
-  m, d = 45, 256
-  rows = (np.random.default_rng(0).normal(size=(1, m, d)) * 0.1).astype(np.float32)
-  expected = np.diag(np.linalg.cholesky(
-      rows[0].T.astype(np.float64) @ rows[0] + 1e-6 * np.eye(d)))
+  # factorisation is for: the panels (m = 45: complete Q; m = 200: Householder
+  # reflectors on CPU) keep them to float32 accuracy, like the dense QR of the
+  # whole stacked matrix (float32 gets ~2e-5 of the largest entries at m = 200).
+  d = 256
+  rows = np.random.default_rng(0).normal(size=(m, d)) * 0.1
+  rows[:, d - 40:] = 0.5 * rows[:, :40]   # dependent columns: pivots near sqrt(reg)
+  rows = rows.astype(np.float32)
+  expected = np.diag(np.linalg.cholesky(rows.T.astype(np.float64) @ rows + 1e-6 * np.eye(d)))
   reg = jnp.asarray(1e-6, jnp.float32)
-  cols = jnp.asarray(np.swapaxes(rows, -1, -2))
-  panels = np.diagonal(np.asarray(jax.jit(gmm._sqrt_factor)(cols, reg))[0])
-  assert np.max(np.abs(panels / expected - 1)) < 1e-5
-  assert np.min(expected) < 1.1e-3   # the test does reach the small pivots
+  panels = np.diagonal(np.asarray(jax.jit(gmm._sqrt_factor)(jnp.asarray(rows.T), reg)))
+  stacked = jnp.concatenate([jnp.asarray(rows), jnp.sqrt(reg) * jnp.eye(d)])
+  dense = np.diagonal(np.asarray(serial_linalg.qr_r(stacked)))
+  error = np.max(np.abs(np.abs(panels) / expected - 1))
+  assert error <= max(1e-5, 1.5 * np.max(np.abs(np.abs(dense) / expected - 1)))
+  small = expected < 1.2e-3   # the test does reach the small pivots ...
+  assert np.count_nonzero(small) >= 10
+  assert np.max(np.abs(np.abs(panels[small]) / expected[small] - 1)) < 1e-5   # ... and keeps them
 
 
 def test_blocked_first_iterations_equal_sklearn_in_float64(x64):
@@ -217,12 +227,16 @@ def test_block_triangular_helpers_in_float64(x64):
   @jax.jit
   def helpers(w, upper, diff):
     gram = gmm._gram_lower(w.T, bounds)
+    factor_gram = gmm._factor_gram_lower(upper, bounds)
     inverse = gmm._upper_inverse(upper)
-    return (gram, gmm._symmetrize_lower(gram), inverse, gmm._maha_solve(diff, upper, bounds),
-            gmm._maha_inverse(diff, inverse, bounds))
+    return (gram, factor_gram, gmm._symmetrize_lower(gram), inverse,
+            gmm._maha_solve(diff.T, upper, bounds), gmm._maha_inverse(diff, inverse, bounds))
 
-  gram, symmetric, inverse, maha_solve, maha_inverse = map(np.asarray, helpers(w, upper, diff))
+  gram, factor_gram, symmetric, inverse, maha_solve, maha_inverse = map(
+      np.asarray, helpers(w, upper, diff))
   np.testing.assert_allclose(np.tril(gram), np.tril(w.T @ w), rtol=1e-12, atol=1e-10)
+  np.testing.assert_allclose(np.tril(factor_gram), np.tril(upper.T @ upper), rtol=1e-12,
+                             atol=1e-12)
   np.testing.assert_allclose(symmetric, w.T @ w, rtol=1e-12, atol=1e-10)
   np.testing.assert_allclose(inverse, np.linalg.inv(upper), rtol=1e-10, atol=1e-12)
   expected = np.sum((diff @ np.linalg.inv(upper)) ** 2, axis=1)

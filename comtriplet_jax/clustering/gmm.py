@@ -102,9 +102,13 @@ JAX port returns NaN). This implementation never factors that matrix:
    handles the <= 64 leaves and the rest runs as products (factor and inverse
    of two components: 1.27 -> 0.93 ms at S = 256, 58-71 -> 41 ms at S = 1024,
    against LAPACK's Cholesky followed by blocked triangular solves). The
-   square-root factor of few rows (3 n <= S, the subspace path's outputs) is
-   computed 64 columns at a time, skipping the zeros of the sqrt(reg) I block
-   (`_sqrt_factor_panels`): 56 -> 9 ms for two components at n = 45, S = 1024.
+   square-root factor is computed 64 columns at a time, skipping the zeros of
+   the sqrt(reg) I block: with few rows (3 n <= S, the subspace path's outputs)
+   by `_sqrt_factor_panels` (56 -> 9 ms for two components at n = 45,
+   S = 1024), otherwise, for S >= 256, by `_sqrt_factor_reflectors` (one
+   component at n = 1000, S = 1024: 50 -> 36 ms). On the square-root path the
+   output covariances are R_k^T R_k from the last factor, again by blocks on
+   one side of the diagonal, instead of a second pass over the weighted rows.
 9. *EM's fixed point.* An M-step whose responsibilities equal, bit for bit, those
    of the previous M-step would return that M-step's N_k, parameters and
    log-densities again (the same function of the same input), so they are
@@ -116,8 +120,7 @@ JAX port returns NaN). This implementation never factors that matrix:
    the benchmark's separated clusters in S >= 256 dimensions. There an EM fit
    computes one M-step and one set of log-densities instead of three (k-means
    labels, iterations 1 and 2): the benchmark's n = 1000, S = 1024 fit took
-   579 ms, 247 with this, 232 with also the column-major QR input of
-   `_sqrt_factor`.
+   579 ms before, 247 ms with this alone.
 
 Matrix products use ``Precision.HIGHEST`` so that accelerators do not drop to
 TF32/bfloat16 passes in this numerically sensitive code.
@@ -149,8 +152,12 @@ _DERIVED_MAX_LOSS = 1e-6
 # Triangular factors up to this size are factored or inverted by LAPACK; larger
 # ones by recursive halving into matrix products (`_upper_inverse_2d`).
 _LEAF = 64
-# Column panel width of `_sqrt_factor_panels`.
+# Column panel width of `_sqrt_factor_panels` and `_sqrt_factor_reflectors`.
 _PANEL = 64
+# `_sqrt_factor` of more rows than `_sqrt_factor_panels` takes goes panel by
+# panel with Householder reflectors from this many columns on (CPU; measured
+# 0.81 vs 1.09 ms at m = 200, d = 256; slower at d = 128).
+_REFLECTOR_MIN = 256
 
 
 class GMMResult(NamedTuple):
@@ -211,9 +218,10 @@ def _sqrt_factor(cols: jax.Array, reg_covar: jax.Array) -> jax.Array:
   matrix [rows; sqrt(reg) I] has that Gram matrix exactly; QR acts on it directly
   (see point 2 of the module docstring). It is assembled as its transpose
   [cols, sqrt(reg) I], which in row-major order is the column-major matrix LAPACK
-  factors: no transposing copy (8 MB, ~12 ms at d = 1024, m = 1000). With few
-  rows (3 m <= d) the zeros of the identity part are skipped
-  (`_sqrt_factor_panels`).
+  factors: no transposing copy (8 MB, ~12 ms at d = 1024, m = 1000). The zeros
+  of the identity part are skipped panel by panel: with few rows (3 m <= d) by
+  `_sqrt_factor_panels`, otherwise, on CPU and for d >= 256, by
+  `_sqrt_factor_reflectors`.
   """
   d, m = cols.shape[-2:]
   if _uses_panels(m, d):
@@ -221,10 +229,48 @@ def _sqrt_factor(cols: jax.Array, reg_covar: jax.Array) -> jax.Array:
     sqrt_reg = jnp.sqrt(reg_covar).astype(cols.dtype)
     r = jnp.stack([_sqrt_factor_panels(flat[i], sqrt_reg) for i in range(flat.shape[0])])
     return _positive_diagonal(r.reshape(cols.shape[:-2] + (d, d)))
+  if _uses_reflectors(m, d):
+    flat = cols.reshape((-1, d, m))
+    sqrt_reg = jnp.sqrt(reg_covar).astype(cols.dtype)
+    r = jnp.stack([_sqrt_factor_reflectors(flat[i], sqrt_reg) for i in range(flat.shape[0])])
+    return _positive_diagonal(r.reshape(cols.shape[:-2] + (d, d)))
   eye = jnp.broadcast_to(jnp.sqrt(reg_covar).astype(cols.dtype) * jnp.eye(d, dtype=cols.dtype),
                          cols.shape[:-2] + (d, d))
   stacked = jnp.swapaxes(jnp.concatenate([cols, eye], axis=-1), -1, -2)
   return _positive_diagonal(serial_linalg.qr_r(stacked))
+
+
+def _uses_reflectors(m: int, d: int) -> bool:
+  """Whether `_sqrt_factor` of [m, d] rows runs `_sqrt_factor_reflectors` (measured faster)."""
+  return (not _uses_panels(m, d) and d >= _REFLECTOR_MIN
+          and serial_linalg.reflectors_available())
+
+
+def _sqrt_factor_reflectors(cols: jax.Array, sqrt_reg: jax.Array) -> jax.Array:
+  """R of [rows; sqrt_reg I] for one [d, m] cols = rows^T, panel by panel; [d, d].
+
+  The panels of `_sqrt_factor_panels` (dense QR of [B_panel; sqrt_reg I_w]), with
+  the trailing columns carried by LAPACK's ormqr from the panel's Householder
+  reflectors instead of by its complete Q: about 4 (m + w) w (d - hi) FLOPs per
+  panel, 2 m d^2 in all, against 2 (m + d) d^2 - 2 d^3 / 3 for the dense QR of
+  the stacked matrix (two components at m = 1000, d = 1024: 2 x 50 -> 2 x 36 ms).
+  Kept transposed ([columns, rows] in row-major order), every matrix LAPACK
+  reads is already column-major.
+  """
+  d, m = cols.shape
+  out, rest_t = [], cols
+  for lo in range(0, d, _PANEL):
+    w = min(_PANEL, d - lo)
+    eye = sqrt_reg * jnp.eye(w, dtype=cols.dtype)
+    panel, taus = serial_linalg.geqrf(jnp.concatenate([rest_t[:w], eye], axis=1).T)
+    block = [jnp.zeros((w, lo), cols.dtype), jnp.triu(panel[:w])]
+    if lo + w < d:
+      trailing = jnp.concatenate([rest_t[w:], jnp.zeros((d - lo - w, w), cols.dtype)], axis=1)
+      carried = serial_linalg.ormqr(panel, taus, trailing.T, transpose=True)  # [m + w, d - hi]
+      block.append(carried[:w])
+      rest_t = carried[w:].T
+    out.append(jnp.concatenate(block, axis=1))
+  return jnp.concatenate(out)
 
 
 def _uses_panels(m: int, d: int) -> bool:
@@ -325,27 +371,39 @@ def _regularised_scatters(cols: jax.Array, reg: jax.Array, bounds: tuple[int, ..
   return grams + reg * jnp.eye(d, dtype=cols.dtype)
 
 
+def _factor_gram_lower(r: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """R^T R for upper-triangular [d, d] R, exact on and below the diagonal blocks."""
+  d = r.shape[-1]
+  rows = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    block = _dot("ls,lt->st", r[:hi, lo:hi], r[:hi, :hi])
+    rows.append(jnp.pad(block, ((0, 0), (0, d - hi))))
+  return jnp.concatenate(rows, axis=0)
+
+
 def _symmetrize_lower(g: jax.Array) -> jax.Array:
   """The symmetric [..., d, d] matrix whose lower triangle is g's."""
   d = g.shape[-1]
   return jnp.where(jnp.tril(jnp.ones((d, d), bool)), g, jnp.swapaxes(g, -1, -2))
 
 
-def _maha_solve(diff: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
-  """[n] squared norms of the rows of diff R^{-1}; diff [n, d], R [d, d] upper.
+def _maha_solve(diff_t: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """[n] squared norms of the rows of diff R^{-1}; diff_t = diff^T [d, n], R [d, d] upper.
 
   Block by block (see `_blocks`): solve with a diagonal block of R, then remove
-  the solved part from the remaining columns with one 2-D product, so most of
-  the n d^2 FLOPs run as matrix products rather than as a triangular solve.
+  the solved part from the remaining rows of diff^T with one 2-D product, so most
+  of the n d^2 FLOPs run as matrix products rather than as a triangular solve.
+  diff^T in row-major order is the column-major diff that LAPACK's solve reads:
+  its row blocks go to the solve without a transposing copy.
   """
-  total = jnp.zeros(diff.shape[:-1], diff.dtype)
-  rest = diff
+  total = jnp.zeros(diff_t.shape[-1:], diff_t.dtype)
+  rest = diff_t
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    y = serial_linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:, :hi - lo],
-                                    left_side=False, lower=False)
+    y = serial_linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:hi - lo].T,
+                                    left_side=False, lower=False)        # [n, w]
     total = total + jnp.sum(y * y, axis=-1)
     if hi < upper.shape[-1]:
-      rest = rest[:, hi - lo:] - _dot("nt,ts->ns", y, upper[lo:hi, hi:])
+      rest = rest[hi - lo:] - _dot("ts,nt->sn", upper[lo:hi, hi:], y)
   return total
 
 
@@ -361,19 +419,19 @@ def _maha_inverse(diff: jax.Array, prec: jax.Array, bounds: tuple[int, ...]) -> 
   return total
 
 
-def _log_gauss_full(x, means, upper, prec, n_features, bounds):
+def _log_gauss_full(x, xt, means, upper, prec, n_features, bounds):
   """log N(x_i | mu_k, R_k^T R_k) for upper-triangular R_k: [n, K].
 
-  x [n, d], means [K, d], upper [K, d, d]; prec is R_k^{-1} [K, d, d] (the
-  Mahalanobis distances then come from products with it) or None (from triangular
-  solves with R_k). ``n_features`` is the ambient dimension S of the normalising
-  constant. One 2-D operation per component (K is small and static).
+  x [n, d] and xt = x^T, means [K, d], upper [K, d, d]; prec is R_k^{-1}
+  [K, d, d] (the Mahalanobis distances then come from products with it and x) or
+  None (from triangular solves with R_k and xt). ``n_features`` is the ambient
+  dimension S of the normalising constant. One 2-D operation per component (K is
+  small and static).
   """
   maha = []
   for k in range(means.shape[0]):
-    diff = x - means[k]
-    maha.append(_maha_solve(diff, upper[k], bounds) if prec is None
-                else _maha_inverse(diff, prec[k], bounds))
+    maha.append(_maha_solve(xt - means[k][:, None], upper[k], bounds) if prec is None
+                else _maha_inverse(x - means[k], prec[k], bounds))
   maha = jnp.stack(maha, axis=1)                                    # [n, K]
   log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(upper, axis1=-2, axis2=-1)), -1)
   return -0.5 * (_log_2pi_term(n_features) + maha + log_det[None, :])
@@ -539,8 +597,8 @@ class _FullDirect:
     nk, means = _gaussian_statistics(self.x, resp, self.eps)
     cols = lambda: _weighted_columns(resp, nk, self.xt, means)       # [K, S, n]
     if self.square_root:
-      # The covariances are only an output: formed once, in `finalize`. (n <= S,
-      # so the E-step solves with R: no inverse.)
+      # The covariances are only an output: formed once, in `finalize`, as R^T R
+      # of the last factor. (n <= S, so the E-step solves with R: no inverse.)
       return nk, (means, _sqrt_factor(cols(), self.reg), None, None)
     cov = self._covariances_checked(resp, nk, means)
     if self.use_inverse:
@@ -562,13 +620,13 @@ class _FullDirect:
 
   def log_gauss(self, params):
     means, upper, prec, _ = params
-    return _log_gauss_full(self.x, means, upper, prec, self.n_features, self.bounds)
+    return _log_gauss_full(self.x, self.xt, means, upper, prec, self.n_features,
+                           self.bounds)
 
   def finalize(self, params, resp):
     means, upper, prec, cov = params
     if cov is None:
-      nk = jnp.sum(resp, axis=0) + 10.0 * self.eps
-      cov = self._covariances_lower(resp, nk, means)
+      cov = jnp.stack([_factor_gram_lower(r, self.bounds) for r in upper])
     if prec is None:
       prec = _upper_inverse(upper)
     return means, _symmetrize_lower(cov), prec
@@ -603,7 +661,7 @@ class _FullSubspace:
     # The (S - r) directions orthogonal to the data carry variance reg and no
     # component of any training point.
     outside = (self.n_features - self.rank) * jnp.log(self.reg)
-    return (_log_gauss_full(self.z, means, upper, None, self.n_features,
+    return (_log_gauss_full(self.z, self.zt, means, upper, None, self.n_features,
                             _blocks(self.rank))
             - 0.5 * outside)
 
