@@ -230,7 +230,7 @@ def test_block_triangular_helpers_in_float64(x64):
     factor_gram = gmm._factor_gram_lower(upper, bounds)
     inverse = gmm._upper_inverse(upper)
     return (gram, factor_gram, gmm._symmetrize_lower(gram), inverse,
-            gmm._maha_solve(diff.T, upper, bounds), gmm._maha_inverse(diff, inverse, bounds))
+            gmm._maha_solve(diff, upper, bounds), gmm._maha_inverse(diff, inverse, bounds))
 
   gram, factor_gram, symmetric, inverse, maha_solve, maha_inverse = map(
       np.asarray, helpers(w, upper, diff))

@@ -387,23 +387,24 @@ def _symmetrize_lower(g: jax.Array) -> jax.Array:
   return jnp.where(jnp.tril(jnp.ones((d, d), bool)), g, jnp.swapaxes(g, -1, -2))
 
 
-def _maha_solve(diff_t: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
-  """[n] squared norms of the rows of diff R^{-1}; diff_t = diff^T [d, n], R [d, d] upper.
+def _maha_solve(diff: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """[n] squared norms of the rows of diff R^{-1}; diff [n, d], R [d, d] upper.
 
   Block by block (see `_blocks`): solve with a diagonal block of R, then remove
-  the solved part from the remaining rows of diff^T with one 2-D product, so most
-  of the n d^2 FLOPs run as matrix products rather than as a triangular solve.
-  diff^T in row-major order is the column-major diff that LAPACK's solve reads:
-  its row blocks go to the solve without a transposing copy.
+  the solved part from the remaining columns with one 2-D product, so most of
+  the n d^2 FLOPs run as matrix products rather than as a triangular solve.
+  Each solve is the left-sided R_bb^{-T} diff_b^T: LAPACK reads diff_b^T in
+  column-major order, which is diff_b's own row-major order, so XLA passes it
+  without a transposing copy (a right-sided solve with diff_b would need one).
   """
-  total = jnp.zeros(diff_t.shape[-1:], diff_t.dtype)
-  rest = diff_t
+  total = jnp.zeros(diff.shape[:-1], diff.dtype)
+  rest = diff
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    y = serial_linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:hi - lo].T,
-                                    left_side=False, lower=False)        # [n, w]
-    total = total + jnp.sum(y * y, axis=-1)
+    y_t = serial_linalg.triangular_solve(upper[lo:hi, lo:hi], rest[:, :hi - lo].T,
+                                      left_side=True, lower=False, transpose_a=True)
+    total = total + jnp.sum(y_t * y_t, axis=0)
     if hi < upper.shape[-1]:
-      rest = rest[hi - lo:] - _dot("ts,nt->sn", upper[lo:hi, hi:], y)
+      rest = rest[:, hi - lo:] - _dot("tn,ts->ns", y_t, upper[lo:hi, hi:])
   return total
 
 
@@ -419,19 +420,19 @@ def _maha_inverse(diff: jax.Array, prec: jax.Array, bounds: tuple[int, ...]) -> 
   return total
 
 
-def _log_gauss_full(x, xt, means, upper, prec, n_features, bounds):
+def _log_gauss_full(x, means, upper, prec, n_features, bounds):
   """log N(x_i | mu_k, R_k^T R_k) for upper-triangular R_k: [n, K].
 
-  x [n, d] and xt = x^T, means [K, d], upper [K, d, d]; prec is R_k^{-1}
-  [K, d, d] (the Mahalanobis distances then come from products with it and x) or
-  None (from triangular solves with R_k and xt). ``n_features`` is the ambient
-  dimension S of the normalising constant. One 2-D operation per component (K is
-  small and static).
+  x [n, d], means [K, d], upper [K, d, d]; prec is R_k^{-1} [K, d, d] (the
+  Mahalanobis distances then come from products with it) or None (from triangular
+  solves with R_k). ``n_features`` is the ambient dimension S of the normalising
+  constant. One 2-D operation per component (K is small and static).
   """
   maha = []
   for k in range(means.shape[0]):
-    maha.append(_maha_solve(xt - means[k][:, None], upper[k], bounds) if prec is None
-                else _maha_inverse(x - means[k], prec[k], bounds))
+    diff = x - means[k]
+    maha.append(_maha_solve(diff, upper[k], bounds) if prec is None
+                else _maha_inverse(diff, prec[k], bounds))
   maha = jnp.stack(maha, axis=1)                                    # [n, K]
   log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(upper, axis1=-2, axis2=-1)), -1)
   return -0.5 * (_log_2pi_term(n_features) + maha + log_det[None, :])
@@ -620,8 +621,7 @@ class _FullDirect:
 
   def log_gauss(self, params):
     means, upper, prec, _ = params
-    return _log_gauss_full(self.x, self.xt, means, upper, prec, self.n_features,
-                           self.bounds)
+    return _log_gauss_full(self.x, means, upper, prec, self.n_features, self.bounds)
 
   def finalize(self, params, resp):
     means, upper, prec, cov = params
@@ -661,7 +661,7 @@ class _FullSubspace:
     # The (S - r) directions orthogonal to the data carry variance reg and no
     # component of any training point.
     outside = (self.n_features - self.rank) * jnp.log(self.reg)
-    return (_log_gauss_full(self.z, self.zt, means, upper, None, self.n_features,
+    return (_log_gauss_full(self.z, means, upper, None, self.n_features,
                             _blocks(self.rank))
             - 0.5 * outside)
 
