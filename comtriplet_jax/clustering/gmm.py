@@ -372,7 +372,11 @@ def _regularised_scatters(cols: jax.Array, reg: jax.Array, bounds: tuple[int, ..
 
 
 def _factor_gram_lower(r: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
-  """R^T R for upper-triangular [d, d] R, exact on and below the diagonal blocks."""
+  """R^T R for upper-triangular [d, d] R: exact on and below the diagonal blocks, zero above.
+
+  Block row [lo, hi) only involves rows [0, hi) of R (R is zero below them), so
+  the products shrink with the block as well as skipping the blocks above.
+  """
   d = r.shape[-1]
   rows = []
   for lo, hi in zip(bounds[:-1], bounds[1:]):
