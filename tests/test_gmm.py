@@ -445,6 +445,24 @@ def test_jit_and_vmap_over_three_problems_equal_three_calls():
   assert np.all(np.asarray(looser.lower_bound) < np.asarray(batched.lower_bound))
 
 
+def test_vmap_on_the_reflector_path_equals_single_fits():
+  # n <= S < 2n, S >= 256: the square-root factor by reflector panels (geqrf and
+  # ormqr under vmap run one problem at a time) and the fixed-point reuse, whose
+  # lax.cond becomes a select under vmap.
+  xs = np.stack([_two_clusters(100, 50, 256, seed=i, spread=0.5, dtype=np.float32)[0]
+                 for i in range(2)])
+  key = jax.random.PRNGKey(5)
+  batched = jax.jit(jax.vmap(lambda data: gmm.fit_gmm(data, 2, key=key)))(jnp.asarray(xs))
+  for i in range(2):
+    single = gmm.fit_gmm(xs[i], 2, key=key)
+    for name in ("weights", "means", "covariances", "precisions_cholesky",
+                 "responsibilities", "lower_bound"):
+      np.testing.assert_allclose(np.asarray(getattr(batched, name)[i]),
+                                 np.asarray(getattr(single, name)), rtol=1e-5,
+                                 atol=1e-6, err_msg=name)
+    assert int(batched.n_reused[i]) == int(single.n_reused)
+
+
 def test_bad_inputs_raise():
   x = np.zeros((45, 8), np.float32)
   key = jax.random.PRNGKey(0)

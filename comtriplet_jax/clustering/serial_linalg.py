@@ -1,4 +1,4 @@
-"""Cholesky, triangular solve and QR one matrix at a time on CPU.
+"""Cholesky, triangular solve and QR (also as Householder reflectors) one matrix at a time on CPU.
 
 Why: jaxlib's CPU LAPACK kernels (0.10.2 here) split a *batched* call over
 XLA's intra-op thread pool and wait for the pieces on the thread that runs the
