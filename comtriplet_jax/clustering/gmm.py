@@ -224,15 +224,12 @@ def _sqrt_factor(cols: jax.Array, reg_covar: jax.Array) -> jax.Array:
   `_sqrt_factor_reflectors`.
   """
   d, m = cols.shape[-2:]
-  if _uses_panels(m, d):
-    flat = jnp.swapaxes(cols, -1, -2).reshape((-1, m, d))
-    sqrt_reg = jnp.sqrt(reg_covar).astype(cols.dtype)
-    r = jnp.stack([_sqrt_factor_panels(flat[i], sqrt_reg) for i in range(flat.shape[0])])
-    return _positive_diagonal(r.reshape(cols.shape[:-2] + (d, d)))
-  if _uses_reflectors(m, d):
+  by_panels = (_sqrt_factor_panels if _uses_panels(m, d) else
+               _sqrt_factor_reflectors if _uses_reflectors(m, d) else None)
+  if by_panels is not None:
     flat = cols.reshape((-1, d, m))
     sqrt_reg = jnp.sqrt(reg_covar).astype(cols.dtype)
-    r = jnp.stack([_sqrt_factor_reflectors(flat[i], sqrt_reg) for i in range(flat.shape[0])])
+    r = jnp.stack([by_panels(flat[i], sqrt_reg) for i in range(flat.shape[0])])
     return _positive_diagonal(r.reshape(cols.shape[:-2] + (d, d)))
   eye = jnp.broadcast_to(jnp.sqrt(reg_covar).astype(cols.dtype) * jnp.eye(d, dtype=cols.dtype),
                          cols.shape[:-2] + (d, d))
@@ -278,8 +275,8 @@ def _uses_panels(m: int, d: int) -> bool:
   return 3 * m <= d and d > _PANEL
 
 
-def _sqrt_factor_panels(rows: jax.Array, sqrt_reg: jax.Array) -> jax.Array:
-  """R of [rows; sqrt_reg I] for one [m, d] rows, m << d, panel by panel; [d, d].
+def _sqrt_factor_panels(cols: jax.Array, sqrt_reg: jax.Array) -> jax.Array:
+  """R of [rows; sqrt_reg I] for one [d, m] cols = rows^T, m << d, panel by panel; [d, d].
 
   Householder QR of the stacked matrix, `_PANEL` columns at a time. Panel
   [lo, hi) only involves the m (updated) rows and rows lo..hi of the identity
@@ -292,6 +289,7 @@ def _sqrt_factor_panels(rows: jax.Array, sqrt_reg: jax.Array) -> jax.Array:
   (The m rows come first: jaxlib's QR of [sqrt_reg I; B], identity on top,
   loses ~1e-4 relative accuracy of the small diagonal entries in float32.)
   """
+  rows = cols.T
   m, d = rows.shape
   out, rest = [], rows
   for lo in range(0, d, _PANEL):
