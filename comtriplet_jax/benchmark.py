@@ -917,12 +917,7 @@ def gmm_inputs(case: GmmCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def gmm_path(case: GmmCase, dtype: str) -> str:
   """Which algebra ``fit_gmm`` uses ('cholesky', 'square_root' or 'subspace')."""
-  n, s = case.points, case.features
-  if 2 * n <= s:
-    return "subspace"
-  if n <= s and dtype == "float32":
-    return "square_root"
-  return "cholesky"
+  return gmm_lib._full_path(case.points, case.features, dtype)  # pylint: disable=protected-access
 
 
 def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str,

@@ -746,6 +746,20 @@ def _check_inputs(x, n_components, covariance_type, init, key, weights_init,
       raise ValueError(f"{name} must have shape {expected[name]}, got {jnp.shape(value)}")
 
 
+def _full_path(n: int, s: int, dtype) -> str:
+  """Which algebra 'full' covariances take (point 4 of the module docstring).
+
+  'subspace' (2 n <= S), 'square_root' (n <= S in float32) or 'cholesky'. In
+  float64 the normal equations keep ~10 digits even for singular scatter; in
+  float32 they do not once a component has fewer points than dimensions.
+  """
+  if 2 * n <= s:
+    return "subspace"
+  if n <= s and _eps(dtype) > 1e-10:
+    return "square_root"
+  return "cholesky"
+
+
 def fit_gmm(x: jax.Array, n_components: int, *, key: jax.Array | None = None,
             covariance_type: str = "full", reg_covar: float | jax.Array = 1e-6,
             tol: float | jax.Array = 1e-3, max_iter: int | jax.Array = 100,
@@ -800,14 +814,13 @@ def _fit_gmm(x, n_components, *, key, covariance_type, reg_covar, tol, max_iter,
   tol = jnp.asarray(tol, dtype)
   offset = jnp.mean(x, axis=0)
   xc = x - offset
+  path = _full_path(n, s, dtype)
   if covariance_type == "diag":
     model = _Diag(xc, reg_covar)
-  elif 2 * n <= s:
+  elif path == "subspace":
     model = _FullSubspace(xc, reg_covar)
   else:
-    # In float64 the normal equations keep ~10 digits even for singular scatter;
-    # in float32 they do not once a component has fewer points than dimensions.
-    model = _FullDirect(xc, reg_covar, square_root=n <= s and _eps(dtype) > 1e-10)
+    model = _FullDirect(xc, reg_covar, square_root=path == "square_root")
 
   def m_step(resp):
     """N_k, the parameters and their [n, K] log-densities: all a function of resp."""
