@@ -832,9 +832,9 @@ def _fit_gmm(x, n_components, *, key, covariance_type, reg_covar, tol, max_iter,
     features = model.z if isinstance(model, _FullSubspace) else xc
     labels = kmeans_lib.kmeans(key, features, n_components, n_init=n_kmeans_init).labels
     resp0 = jax.nn.one_hot(labels, n_components, dtype=dtype)
-    step0 = m_step(resp0)
+    nk0, params0, log_gauss0 = m_step(resp0)
     # scikit-learn's initial weights are N_k / n, not N_k / sum N_k.
-    lb1, log_resp1 = _e_step(step0[2], jnp.log(step0[0] / n))
+    lb1, log_resp1 = _e_step(log_gauss0, jnp.log(nk0 / n))
   else:
     prec_chol = _precision_cholesky_from_precisions(
         jnp.asarray(precisions_init, dtype), covariance_type)
@@ -844,15 +844,14 @@ def _fit_gmm(x, n_components, *, key, covariance_type, reg_covar, tol, max_iter,
     # No M-step yet: placeholders of the right structure, with responsibilities
     # (-1) that no E-step produces, so iteration 1 computes its M-step.
     resp0 = jnp.full(log_resp1.shape, -1.0, dtype)
-    step0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                   jax.eval_shape(m_step, resp0))
+    nk0, params0, log_gauss0 = jax.tree_util.tree_map(
+        lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(m_step, resp0))
 
   # State after t M-steps: N_k, parameters and log-densities of M-step t, the
   # responsibilities it was computed from, E-step t+1 (log_resp, lb_next) and
   # lb_t, the lower bound scikit-learn reports after iteration t. lb_0 = -inf, so
   # iteration 1 never converges, as in scikit-learn. Before iteration 1 the
   # M-step is the one from the k-means labels (t = 0).
-  nk0, params0, log_gauss0 = step0
   state = dict(n_iter=jnp.asarray(0, jnp.int32), n_reused=jnp.asarray(0, jnp.int32),
                nk=nk0, params=params0, log_gauss=log_gauss0, resp_used=resp0,
                log_resp=log_resp1, lb=jnp.asarray(-jnp.inf, dtype), lb_next=lb1,
