@@ -794,7 +794,8 @@ def fit_gmm(x: jax.Array, n_components: int, *, key: jax.Array | None = None,
   Raises:
     ValueError: on bad shapes, dtypes or options.
   """
-  x = jnp.asarray(x)
+  # jnp.asarray takes ~8 us even on a JAX array (0.5% of an n = 1000, S = 64 fit).
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)
   _check_inputs(x, n_components, covariance_type, init, key, weights_init,
                 means_init, precisions_init, max_iter, reg_covar, n_kmeans_init)
   return _fit_gmm(x, n_components, key=key, covariance_type=covariance_type,

@@ -195,7 +195,7 @@ def kmeans(key: jax.Array, x: jax.Array, n_clusters: int, *, n_init: int = 10,
     ValueError: on a non-2-D or non-float ``x``, fewer than K points,
       ``n_init < 1`` or a Python ``max_iter < 1``.
   """
-  x = jnp.asarray(x)
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)   # asarray: ~8 us per call
   _check_data(x, n_clusters)
   if not isinstance(n_init, int) or n_init < 1:
     raise ValueError(f"n_init must be a positive int, got {n_init!r}")
