@@ -93,7 +93,18 @@ call pays the page faults of its whole output afresh; TensorFlow keeps its own
 pool. Measured here on one thread
 for a fresh 77 MB output (the HSIC gradient at B = 32, N = 196, C = 1024) of
 ``x * 2``: JAX 36.6 ms with glibc's defaults, 6.8 ms retained, TensorFlow
-5.6 ms. ``--malloc=default`` leaves glibc as it is; the header says which.
+5.6 ms. The one arena costs small kernels time: every thread now allocates
+from it and they wait for each other (under ``perf``, glibc's ``_int_malloc``
+took 6.9% of the samples instead of 1.8%, plus the kernel's futex wake-ups).
+Measured 2026-11-25, one process per setting, three processes each, retained
+against glibc's defaults: ``fit_gmm`` at n = 1000, S = 64 1.78-1.83 against
+1.59-1.60 ms (scikit-learn 6.52-7.31 against 6.14-6.54 ms), at n = 1000,
+S = 256 8.65-9.24 against 6.99-7.66 ms; the HSIC loss with its gradient at
+B = 8, N = 49, C = 256 1.30-1.31 against 1.11-1.12 ms, but at B = 32,
+N = 196, C = 1024 149 against 181-182 ms. The 1 GiB thresholds without the
+one arena do not help that large case (178 ms): a thread's own arena holds no
+chunk above 64 MB, and glibc maps a larger one afresh whatever the threshold.
+``--malloc=default`` leaves glibc as it is; the header says which.
 ``auto`` picks ``default`` when JAX is going to run on a GPU or TPU (judged
 before its backends start: ``JAX_PLATFORMS``, else an installed PJRT plugin or
 libtpu, :func:`accelerator_expected`): there the kernels' outputs live on the
