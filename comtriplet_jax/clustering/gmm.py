@@ -626,6 +626,7 @@ class _FullDirect:
     return _log_gauss_full(self.x, means, upper, prec, self.n_features, self.bounds)
 
   def finalize(self, params, resp):
+    del resp   # the covariances come from the last factor (or M-step), not from resp
     means, upper, prec, cov = params
     if cov is None:
       cov = jnp.stack([_factor_gram_lower(r, self.bounds) for r in upper])
