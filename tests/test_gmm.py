@@ -230,7 +230,7 @@ def test_block_triangular_helpers_in_float64(x64):
     gram = gmm._gram_lower(w.T, bounds)
     factor_gram = gmm._factor_gram_lower(upper, bounds)
     inverse = gmm._upper_inverse(upper)
-    return (gram, factor_gram, gmm._symmetrize_lower(gram), inverse,
+    return (gram, factor_gram, gmm._symmetrize_lower(gram, bounds), inverse,
             gmm._maha_solve(diff, upper, bounds), gmm._maha_inverse(diff, inverse, bounds))
 
   gram, factor_gram, symmetric, inverse, maha_solve, maha_inverse = map(
@@ -239,6 +239,11 @@ def test_block_triangular_helpers_in_float64(x64):
   np.testing.assert_allclose(np.tril(factor_gram), np.tril(upper.T @ upper), rtol=1e-12,
                              atol=1e-12)
   np.testing.assert_allclose(symmetric, w.T @ w, rtol=1e-12, atol=1e-10)
+  # Whatever lies above the diagonal, only the lower triangle is read.
+  noise = rng.standard_normal((3, d, d))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(gmm._symmetrize_lower, static_argnums=1)(noise, bounds)),
+      np.tril(noise) + np.swapaxes(np.tril(noise, -1), -1, -2))
   np.testing.assert_allclose(inverse, np.linalg.inv(upper), rtol=1e-10, atol=1e-12)
   expected = np.sum((diff @ np.linalg.inv(upper)) ** 2, axis=1)
   np.testing.assert_allclose(maha_solve, expected, rtol=1e-10)

@@ -383,10 +383,24 @@ def _factor_gram_lower(r: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
   return jnp.concatenate(rows, axis=0)
 
 
-def _symmetrize_lower(g: jax.Array) -> jax.Array:
-  """The symmetric [..., d, d] matrix whose lower triangle is g's."""
+def _symmetrize_lower(g: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """The symmetric [..., d, d] matrix whose lower triangle is g's, block by block.
+
+  Only the diagonal blocks' upper triangles and the blocks above them (column
+  blocks of `_blocks`) are written, each from a transposed block below the
+  diagonal. XLA:CPU runs a transposing elementwise loop several times slower
+  than a copy (at d = 1024, K = 2: 7.6 ms for ``where(tril, g, g^T)`` over the
+  whole matrix, 4.2-4.5 ms by blocks).
+  """
   d = g.shape[-1]
-  return jnp.where(jnp.tril(jnp.ones((d, d), bool)), g, jnp.swapaxes(g, -1, -2))
+  out = g
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    diag = g[..., lo:hi, lo:hi]
+    lower = jnp.tril(jnp.ones((hi - lo, hi - lo), bool))
+    out = out.at[..., lo:hi, lo:hi].set(jnp.where(lower, diag, jnp.swapaxes(diag, -1, -2)))
+    if hi < d:
+      out = out.at[..., lo:hi, hi:].set(jnp.swapaxes(g[..., hi:, lo:hi], -1, -2))
+  return out
 
 
 def _maha_solve(diff: jax.Array, upper: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
@@ -632,7 +646,7 @@ class _FullDirect:
       cov = jnp.stack([_factor_gram_lower(r, self.bounds) for r in upper])
     if prec is None:
       prec = _upper_inverse(upper)
-    return means, _symmetrize_lower(cov), prec
+    return means, _symmetrize_lower(cov, self.bounds), prec
 
 
 class _FullSubspace:
@@ -672,8 +686,9 @@ class _FullSubspace:
     del params
     nk, means = _gaussian_statistics(self.x, resp, self.eps)
     cols = _weighted_columns(resp, nk, self.x.T, means)              # [K, S, n]
-    cov = _regularised_scatters(cols, self.reg, _blocks(self.n_features))
-    return means, _symmetrize_lower(cov), _upper_inverse(_sqrt_factor(cols, self.reg))
+    bounds = _blocks(self.n_features)
+    cov = _regularised_scatters(cols, self.reg, bounds)
+    return means, _symmetrize_lower(cov, bounds), _upper_inverse(_sqrt_factor(cols, self.reg))
 
 
 class _Diag:
