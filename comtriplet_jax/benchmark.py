@@ -156,10 +156,10 @@ count 1), for the algorithm that this project's kernel runs:
     block's end: 0.94 S^3 with four blocks).
   - subspace path (2 n <= S): one QR of the [S, n] data, 2 S n^2 - 2 n^3 / 3; per
     iteration the QR path in r = n dimensions; then, once, the S-dimensional
-    outputs: covariances, the QR factor of [(n + S), S] per component (for
-    3 n <= S panel by panel, skipping the identity's zeros: a dense QR of
-    [n + 64, 64] per panel, its complete Q, and a product with the trailing
-    columns, about n (n + 64) S^2 / 64 in all) and the triangular inverse
+    outputs: covariances (whole products, 2 n S^2), the QR factor of [(n + S), S]
+    per component (for 3 n <= S panel by panel, skipping the identity's zeros: a
+    dense QR of [n + 64, 64] per panel, its complete Q, and a product with the
+    trailing columns, about n (n + 64) S^2 / 64 in all) and the triangular inverse
     (recursive halving: about 2 S^3 / 3 as run).
 
   Iterations: the JAX fit's ``n_iter`` M-steps and E-steps plus the initial
@@ -1000,7 +1000,7 @@ def gmm_flops_bytes(case: GmmCase, n_iter: int, dtype: str,
   else:
     r = n
     per_step = k * (4 * n * r + sqrt_factor(n, r) + n * r * r)
-    once = qr(s, n) + k * (gram(n, s) + sqrt_factor(n, s) + inverse(s))
+    once = qr(s, n) + k * (2.0 * n * s * s + sqrt_factor(n, s) + inverse(s))
   itemsize = np.dtype(dtype).itemsize
   return steps * per_step + once, 2.0 * steps * n * s * itemsize
 

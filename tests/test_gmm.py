@@ -76,6 +76,9 @@ def _assert_fit_equals_sklearn(ours, ref, x, max_iter):
   assert _rel(ours.weights, ref.weights_) < 1e-6
   assert _rel(ours.means, ref.means_) < 1e-6
   assert _rel(ours.covariances, ref.covariances_) < 1e-6
+  cov = np.asarray(ours.covariances)
+  if cov.ndim == 3:  # symmetric to round-off (whole products on the subspace path)
+    np.testing.assert_allclose(cov, np.swapaxes(cov, -1, -2), rtol=1e-13, atol=0)
   assert _rel(ours.precisions_cholesky, ref.precisions_cholesky_) < 1e-6
   assert float(ours.lower_bound) == pytest.approx(ref.lower_bound_, rel=1e-6)
   np.testing.assert_allclose(np.asarray(ours.responsibilities), ref.predict_proba(x),
@@ -345,6 +348,10 @@ def test_float32_fewer_points_than_dimensions(s):
   order = np.argsort(np.asarray(ours.weights))
   np.testing.assert_allclose(np.asarray(ours.means)[order],
                              ref.means_[np.argsort(ref.weights_)], atol=1e-4)
+  cov = np.asarray(ours.covariances)
+  np.testing.assert_allclose(cov[order], ref.covariances_[np.argsort(ref.weights_)],
+                             rtol=0, atol=1e-5 * np.max(np.abs(ref.covariances_)))
+  np.testing.assert_allclose(cov, np.swapaxes(cov, -1, -2), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
