@@ -484,12 +484,36 @@ def _leaf_upper_inverse(r: jax.Array) -> jax.Array:
   return serial_linalg.triangular_solve(r, eye, left_side=True, lower=False)
 
 
+def _block_pairs(d: int) -> list[tuple[int, int]]:
+  bounds = _blocks(d)
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _upper_times(u: jax.Array, m: jax.Array) -> jax.Array:
+  """u @ m for upper-triangular [h, h] u and [h, p] m.
+
+  Block row [lo, hi) of u is zero left of column lo, so it only meets rows
+  [lo, h) of m: up to 3/8 of the product's FLOPs skipped (see `_blocks`).
+  """
+  return jnp.concatenate([_dot("ij,jk->ik", u[lo:hi, lo:], m[lo:])
+                          for lo, hi in _block_pairs(u.shape[0])], axis=0)
+
+
+def _times_upper(m: jax.Array, u: jax.Array) -> jax.Array:
+  """m @ u for [p, q] m and upper-triangular [q, q] u (block column [lo, hi) of
+  u is zero below row hi)."""
+  return jnp.concatenate([_dot("ij,jk->ik", m[:, :hi], u[:hi, lo:hi])
+                          for lo, hi in _block_pairs(u.shape[0])], axis=1)
+
+
 def _upper_inverse_2d(r: jax.Array) -> jax.Array:
   """R^{-1} for one upper-triangular [d, d] R, by recursive halving.
 
   [[A, B], [0, C]]^{-1} = [[A^{-1}, -A^{-1} B C^{-1}], [0, C^{-1}]]: the work
   above `_LEAF` runs as matrix products, which XLA:CPU runs several times faster
-  per FLOP than the LAPACK triangular solve of the leaves.
+  per FLOP than the LAPACK triangular solve of the leaves, and the products with
+  the triangular A^{-1} and C^{-1} skip their zero blocks (two components at
+  d = 1024: 20.8 -> 14.2 ms; d = 512: 3.1 -> 2.3 ms).
   """
   d = r.shape[-1]
   if d <= _LEAF:
@@ -497,7 +521,7 @@ def _upper_inverse_2d(r: jax.Array) -> jax.Array:
   h = _split(d)
   a = _upper_inverse_2d(r[:h, :h])
   c = _upper_inverse_2d(r[h:, h:])
-  b = -_dot("ij,jk,kl->il", a, r[:h, h:], c)
+  b = -_times_upper(_upper_times(a, r[:h, h:]), c)
   return jnp.block([[a, b], [jnp.zeros((d - h, h), r.dtype), c]])
 
 
@@ -515,8 +539,11 @@ def _cholesky_inverse_2d(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   the inverse along: with R_11, U_11 = R_11^{-1} from the leading block,
   R_12 = U_11^T a_21^T, R_22 from the Schur complement a_22 - R_12^T R_12, and
   U_12 = -U_11 R_12 U_22. LAPACK factors and inverts only the <= `_LEAF` leaves;
-  the rest is matrix products. A failed leaf factorisation (not positive
-  definite) makes every later entry NaN, which `_FullDirect.m_step` detects.
+  the rest is matrix products, those with the triangular U_11 and U_22 skipping
+  their zero blocks (two components at d = 1024: 39.6 -> 32.5 ms; d = 512:
+  6.1 -> 5.2 ms; the Schur complement's Gram matrix, an A^T A product, is faster
+  whole). A failed leaf factorisation (not positive definite) makes every later
+  entry NaN, which `_FullDirect.m_step` detects.
   """
   d = a.shape[-1]
   if d <= _LEAF:
@@ -524,9 +551,12 @@ def _cholesky_inverse_2d(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return r, _leaf_upper_inverse(r)
   h = _split(d)
   r11, u11 = _cholesky_inverse_2d(a[:h, :h])
-  r12 = _dot("ji,kj->ik", u11, a[h:, :h])
+  a21 = a[h:, :h]
+  # U_11^T is lower triangular: block row [lo, hi) of R_12 only needs columns [0, hi).
+  r12 = jnp.concatenate([_dot("ji,kj->ik", u11[:hi, lo:hi], a21[:, :hi])
+                         for lo, hi in _block_pairs(h)], axis=0)
   r22, u22 = _cholesky_inverse_2d(a[h:, h:] - _dot("ki,kj->ij", r12, r12))
-  u12 = -_dot("ij,jk,kl->il", u11, r12, u22)
+  u12 = -_times_upper(_upper_times(u11, r12), u22)
   zero = jnp.zeros((d - h, h), a.dtype)
   return jnp.block([[r11, r12], [zero, r22]]), jnp.block([[u11, u12], [zero, u22]])
 
