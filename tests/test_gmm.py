@@ -231,14 +231,24 @@ def test_block_triangular_helpers_in_float64(x64):
   @jax.jit
   def helpers(w, upper, diff):
     gram = gmm._gram_lower(w.T, bounds)
+    gram_rows = gmm._gram_lower_rows(w, bounds)
     factor_gram = gmm._factor_gram_lower(upper, bounds)
     inverse = gmm._upper_inverse(upper)
-    return (gram, factor_gram, gmm._symmetrize_lower(gram, bounds), inverse,
-            gmm._maha_solve(diff, upper, bounds), gmm._maha_inverse(diff, inverse, bounds))
+    chol = gmm._cholesky_inverse_2d(upper.T @ upper)
+    return chol, (gram, gram_rows, factor_gram, gmm._symmetrize_lower(gram, bounds),
+                  inverse, gmm._maha_solve(diff, upper, bounds),
+                  gmm._maha_inverse(diff, inverse, bounds))
 
-  gram, factor_gram, symmetric, inverse, maha_solve, maha_inverse = map(
-      np.asarray, helpers(w, upper, diff))
+  chol, outputs = helpers(w, upper, diff)
+  gram, gram_rows, factor_gram, symmetric, inverse, maha_solve, maha_inverse = map(
+      np.asarray, outputs)
+  # Factor and inverse together (d = 200 splits at 128, whose two column blocks
+  # the products with the triangular U_11 skip).
+  np.testing.assert_allclose(np.asarray(chol[0]), upper, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(chol[1]), np.linalg.inv(upper), rtol=1e-10,
+                             atol=1e-12)
   np.testing.assert_allclose(np.tril(gram), np.tril(w.T @ w), rtol=1e-12, atol=1e-10)
+  np.testing.assert_allclose(np.tril(gram_rows), np.tril(w.T @ w), rtol=1e-12, atol=1e-10)
   np.testing.assert_allclose(np.tril(factor_gram), np.tril(upper.T @ upper), rtol=1e-12,
                              atol=1e-12)
   np.testing.assert_allclose(symmetric, w.T @ w, rtol=1e-12, atol=1e-10)

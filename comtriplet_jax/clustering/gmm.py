@@ -367,6 +367,22 @@ def _gram_lower(wt: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
   return jnp.concatenate(rows, axis=0)
 
 
+def _gram_lower_rows(x: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+  """`_gram_lower` of x^T, from the row-major [n, d] x itself: x^T x, lower block triangle.
+
+  For data that only exist as rows (outside the EM loop, x^T is a transposed view
+  of x): the column slices of x enter the products as they are, where slicing
+  the view would copy each block of x^T by a transposing loop first (n = 10000,
+  d = 1024: 307 -> 148 ms; d = 256: 26 -> 14 ms).
+  """
+  d = x.shape[1]
+  rows = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    block = _dot("ns,nt->st", x[:, lo:hi], x[:, :hi])
+    rows.append(jnp.pad(block, ((0, 0), (0, d - hi))))
+  return jnp.concatenate(rows, axis=0)
+
+
 def _regularised_scatters(cols: jax.Array, reg: jax.Array, bounds: tuple[int, ...]
                           ) -> jax.Array:
   """[K, d, d] cols_k cols_k^T + reg I, exact in the lower block triangle; cols [K, d, n]."""
@@ -587,7 +603,7 @@ class _FullDirect:
     self.xt = xc.T
     if not square_root:
       # Total scatter and column sums of the (centred) data, for `_covariances_from_total`.
-      self.total = _gram_lower(self.xt, self.bounds)
+      self.total = _gram_lower_rows(xc, self.bounds)
       self.col_sum = jnp.sum(xc, axis=0)
 
   def _covariances_lower(self, resp, nk, means):
