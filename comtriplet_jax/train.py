@@ -228,6 +228,20 @@ def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
   multihost_utils.sync_global_devices("comtriplet_jax: dataset prepared")
 
 
+def load_data(config: ml_collections.ConfigDict, num_local_devices: int
+              ) -> pipeline.Datasets:
+  """This process's share of the splits that ``config`` trains and evaluates on."""
+  return pipeline.create_datasets(
+      dataset=config.dataset, task=config.task, split_scheme=config.split_scheme,
+      split_seed=config.split_seed, image_size=config.image_size,
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      num_local_devices=num_local_devices,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      data_dir=config.tfds_data_dir or None, manual_dir=config.manual_dir or None,
+      train_class_counts=config.train_class_counts, val_fraction=config.val_fraction,
+      cache=config.cache_images, shuffle_seed=config.seed)
+
+
 # ----------------------------------------------------------------------- loop
 @dataclasses.dataclass
 class _Best:
@@ -274,15 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   if jax.process_count() > 1:
     _prepare_dataset_once(config)
-  data = pipeline.create_datasets(
-      dataset=config.dataset, task=config.task, split_scheme=config.split_scheme,
-      split_seed=config.split_seed, image_size=config.image_size,
-      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-      num_local_devices=par.num_local_devices,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      data_dir=config.tfds_data_dir or None, manual_dir=config.manual_dir or None,
-      train_class_counts=config.train_class_counts, val_fraction=config.val_fraction,
-      cache=config.cache_images, shuffle_seed=config.seed)
+  data = load_data(config, par.num_local_devices)
   logging.info("data: %s, task %s, classes %s, examples %s, train class counts %s",
                config.dataset, config.task, data.class_names, data.num_examples,
                data.train_class_counts.tolist())

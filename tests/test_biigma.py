@@ -29,6 +29,8 @@ from comtriplet_jax.methods import biigma as biigma_method
 from comtriplet_jax.models import biigma
 from comtriplet_jax.models import mica
 
+import method_checks
+
 EXITS = ("pool3_relu", "pool4_relu", "relu")
 SIZE = 64
 NUM_CLASSES = 3
@@ -321,6 +323,69 @@ def test_independence_loss_on_the_model_heads_equals_the_kernel():
   assert metrics["indep"] > 0
 
 
+def _forward_by_hand(method, variables, batch, rng=jax.random.PRNGKey(5)):
+  """The loss' training forward pass, repeated here with the same key split."""
+  aug_rng, dropout_rng, sampling_rng = jax.random.split(rng, 3)
+  images = method.prepare_images(batch["image"], aug_rng, train=True)
+  return on_one_device(lambda v, x: method.model.apply(
+      v, x, train=True, hybrid=True, mutable=["batch_stats"],
+      rngs={"dropout": dropout_rng, "sampling": sampling_rng})[0])(variables, images)
+
+
+@pytest.mark.parametrize("class_weighting", ["dataset", "batch"])
+def test_classification_terms_are_the_wce_of_the_clean_and_hybrid_logits(
+    class_weighting):
+  counts = (20, 6, 4)
+  method = make_method(counts=counts, sampling_start_epoch=0.0,
+                       class_weighting=class_weighting)
+  variables, batch = _loss_inputs(method)
+  batch["label"] = jnp.asarray([0, 0, 0, 0, 1, 2], jnp.int32)
+  loss, m = _run_loss(method, variables, batch, 0)
+  out = _forward_by_hand(method, variables, batch)
+  if class_weighting == "dataset":   # Eq. 8: inverse frequency of the training set
+    wce = functools.partial(losses.weighted_cross_entropy,
+                            class_weights=losses.class_weights_from_counts(counts))
+  else:                              # the authors' code: the batch's counts
+    wce = functools.partial(losses.weighted_cross_entropy, weighting="batch")
+  np.testing.assert_allclose(m["wce_clean"], wce(out["logits"], batch["label"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(m["wce_hybrid"], wce(out["hybrid_logits"], batch["label"]),
+                             rtol=1e-5)
+  assert not np.isclose(m["wce_clean"], m["wce_hybrid"])
+  np.testing.assert_allclose(
+      loss, m["wce_clean"] + m["wce_hybrid"] + m["indep"] + m["head_l2"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("ablation", ["no_indep", "cosine_indep", "no_sampling"])
+def test_each_ablation_removes_or_replaces_only_its_term(ablation):
+  fields = {"no_indep": dict(indep_measure="none"),
+            "cosine_indep": dict(indep_measure="cosine"),
+            "no_sampling": dict(sampling="none")}[ablation]
+  paper = make_method(sampling_start_epoch=0.0)
+  method = make_method(sampling_start_epoch=0.0, **fields)
+  variables, batch = _loss_inputs(paper)
+  _, m_paper = _run_loss(paper, variables, batch, 0)
+  loss, m = _run_loss(method, variables, batch, 0)
+  np.testing.assert_allclose(m["wce_clean"], m_paper["wce_clean"], rtol=1e-6)
+  if ablation == "no_indep":       # neither HSIC nor the l2 term
+    assert "indep" not in m and "head_l2" not in m
+    np.testing.assert_allclose(loss, m["wce_clean"] + m["wce_hybrid"], rtol=1e-6)
+  elif ablation == "cosine_indep":  # |cosine| instead of HSIC, the l2 term kept
+    heads = _forward_by_hand(method, variables, batch)["head_outputs"]
+    b, k, h, w, c = heads.shape
+    expected = losses.hsic_independence_loss(heads.reshape(b, k, h * w, c),
+                                             measure="cosine")
+    np.testing.assert_allclose(m["indep"], expected, rtol=1e-5)
+    assert m["head_l2"] == m_paper["head_l2"]
+    np.testing.assert_allclose(
+        loss, m["wce_clean"] + m["wce_hybrid"] + m["indep"] + m["head_l2"], rtol=1e-5)
+  else:                             # no hybrid branch at all
+    assert "wce_hybrid" not in m and "sampling_active" not in m
+    assert m["indep"] == pytest.approx(m_paper["indep"], rel=1e-5)
+    np.testing.assert_allclose(loss, m["wce_clean"] + m["indep"] + m["head_l2"],
+                               rtol=1e-5)
+
+
 def test_official_switches_change_what_they_should():
   paper = make_method(sampling_start_epoch=0.0)
   official = make_method(**dict(biigma_method.official_overrides(),
@@ -462,12 +527,12 @@ def test_train_step_gathers_the_background_set_across_four_devices():
 def test_train_and_evaluate_writes_metrics_and_pictures(fake_ham, tmp_path_factory,
                                                         tmp_path):
   config = _e2e_config(fake_ham, tmp_path_factory.mktemp("tfds"),
-                       task="all", parallelism="shard_map")
+                       task="all", parallelism="shard_map", num_train_steps=4,
+                       eval_every_steps=2, checkpoint_every_steps=2)
   results = train.train_and_evaluate(config, str(tmp_path))
   written = json.loads((tmp_path / "results.json").read_text())
   assert written["test"]["num_examples"] == results["num_examples"]["test"]
-  for key in ("f1_macro", "accuracy", "recall_macro", "precision_macro"):
-    assert 0.0 <= written["test"][key] <= 1.0
+  method_checks.assert_results_match_rescoring(config, tmp_path, written)
   info = written["biigma"]
   # runlocal departs from the paper in lambda only (scaled to the tiny heads).
   assert info["settings"]["departures"] == {"l2_weight": 0.01}
@@ -476,6 +541,12 @@ def test_train_and_evaluate_writes_metrics_and_pictures(fake_ham, tmp_path_facto
   for name in ("head_correlation.png", "attention_maps.png"):
     assert (tmp_path / name).stat().st_size > 1000
   assert set(info["figures"]) == {"head_correlation.png", "attention_maps.png"}
+
+  # Killed after the step-2 checkpoint and resumed: the background sampling keys
+  # come from the step, so the run ends exactly as the uninterrupted one.
+  config.biigma.report_images = 0
+  method_checks.kill_and_resume(config, tmp_path / "resumed", kill_at_batch=3)
+  method_checks.assert_resumed_run_equals_whole_run(tmp_path, tmp_path / "resumed")
 
 
 # ------------------------------------------------------------ plots and table

@@ -9,12 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from comtriplet_jax import configlib
 from comtriplet_jax import parallel
 from comtriplet_jax import train
 from comtriplet_jax.methods import cae
 from comtriplet_jax.models import cae as cae_model
+
+import method_checks
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -214,19 +217,105 @@ def test_steps_on_four_devices_lower_the_loss_and_agree_on_the_state():
   assert float(np.abs(method_state["prototypes"][0]).sum()) > 0
 
 
+def test_loss_reconstructs_the_clean_image_and_features_are_clean_codes():
+  method = cae.CAE(tiny_config(), num_classes=2, train_class_counts=[5, 3])
+  variables, state = method.init(jax.random.PRNGKey(0), 32)
+  batch = _fixed_batch(2, 2)
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  loss, (_, metrics, aux) = jax.jit(jax.vmap(
+      lambda b, r: method.loss(variables["params"], variables["batch_stats"], state,
+                               b, r, step=jnp.int32(0)),
+      axis_name=parallel.AXIS))(batch, keys)
+  clean = batch["image"].astype(np.float32) / 255
+  noisy = jnp.stack([
+      cae.corrupt(jax.random.split(keys[d])[1], jnp.asarray(clean[d]), noise_std=0.1,
+                  crop_min=0.8) for d in range(2)])
+  assert np.abs(np.asarray(noisy) - clean).mean() > 0.01
+  # Training mode, as the loss, with batch statistics synchronised over devices.
+  reconstruction = jax.vmap(lambda x: method.model.apply(
+      variables, x, train=True, mutable=["batch_stats"])[0][0],
+                            axis_name=parallel.AXIS)(noisy)
+  codes = []
+  for d in range(2):
+    expected = np.mean((np.asarray(reconstruction[d], np.float64) - clean[d]) ** 2)
+    np.testing.assert_allclose(loss[d], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["mse"][d], expected, rtol=1e-5)
+    codes.append(method.model.apply(variables, jnp.asarray(clean[d]), train=False,
+                                    method="encode"))
+  # Every device gets the inference-mode codes of the clean images of all devices.
+  for d in range(2):
+    np.testing.assert_allclose(aux["features"][d], np.concatenate(codes), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_predict_labels_by_the_nearer_prototype_minority_second():
+  method = cae.CAE(tiny_config(), num_classes=2, train_class_counts=[5, 3])
+  variables, state = method.init(jax.random.PRNGKey(0), 32)
+  images = _fixed_batch(1, 4)["image"][0]
+  codes = np.asarray(method.encode_images(variables, images))
+  # Row 0 the majority prototype, row 1 the minority one (running_prototypes' order).
+  state = dict(state, prototypes=jnp.asarray(codes[[0, 1]]))
+  out = method.predict(variables, state, images[:2])
+  np.testing.assert_array_equal(out["predictions"], [0, 1])
+  distances = lambda x, p: 1 - x @ p / (np.linalg.norm(x, axis=1) * np.linalg.norm(p))  # noqa: E731
+  expected = distances(codes[:2], codes[0]) - distances(codes[:2], codes[1])
+  np.testing.assert_allclose(out["scores"], expected, rtol=1e-4, atol=1e-6)
+  assert out["scores"][0] < 0 < out["scores"][1]
+
+
 # ------------------------------------------------------------------ end to end
 def test_train_and_evaluate_end_to_end(fake_ham, tmp_path):
   config = tiny_config(manual_dir=str(fake_ham), tfds_data_dir=str(tmp_path / "tfds"),
-                       num_train_steps=3, eval_every_steps=3, log_every_steps=3,
-                       checkpoint_every_steps=3)
+                       num_train_steps=4, eval_every_steps=2, log_every_steps=2,
+                       checkpoint_every_steps=2)
   results = train.train_and_evaluate(config, str(tmp_path / "work"))
   written = json.loads((tmp_path / "work" / "results.json").read_text())
+  # The loop's metrics are those of the running prototypes: recomputed outside it.
+  method_checks.assert_results_match_rescoring(config, tmp_path / "work",
+                                               written["running_prototypes"])
   for split in ("validation", "test"):
-    for source in (written, written["running_prototypes"]):
-      assert source[split]["num_examples"] == results["num_examples"][split]
-      assert 0.0 <= source[split]["auc"] <= 1.0
+    assert written[split]["num_examples"] == results["num_examples"][split]
     assert np.isfinite(written["cae"]["reconstruction_mse"][split])
+
+  # The final prototypes are K-Means of every training image's code under the
+  # selected model (a converged Lloyd iteration: each is the mean of the codes
+  # nearest to it), majority first; the reported metrics are theirs.
+  method, data, labels, _, _ = method_checks.score_split(config, tmp_path / "work",
+                                                         "test")
+  _, best = method_checks.latest_checkpoint(tmp_path / "work", "best_checkpoint")
+  variables = {"params": best["params"], "batch_stats": best["batch_stats"]}
+  encode = jax.jit(method.encode_images)
+  train_codes = np.concatenate([
+      np.asarray(encode(variables, b["image"]))
+      for b in data.train_examples.batch(8).as_numpy_iterator()]).astype(np.float64)
+  prototypes = np.asarray(written["cae"]["prototype_vectors"], np.float64)
+  nearest = np.argmin(((train_codes[:, None] - prototypes[None]) ** 2).sum(-1), 1)
+  sizes = np.bincount(nearest, minlength=2)
+  assert sizes[0] >= sizes[1] >= 1
+  assert sizes.tolist() == sorted(written["cae"]["final_cluster_sizes"], reverse=True)
+  for k in range(2):
+    np.testing.assert_allclose(prototypes[k], train_codes[nearest == k].mean(0),
+                               rtol=1e-4, atol=1e-5)
+  test_codes = []
+  for batch in data.eval["test"].as_numpy_iterator():
+    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+    mask = batch["mask"].reshape(-1)
+    test_codes.append((np.asarray(encode(variables, images))[mask],
+                       batch["index"].reshape(-1)[mask]))
+  x = np.concatenate([c for c, _ in test_codes]).astype(np.float64)
+  x = x[np.argsort(np.concatenate([i for _, i in test_codes]))]
+  cosine = lambda a, p: 1 - a @ p / (np.linalg.norm(a, axis=1) * np.linalg.norm(p))  # noqa: E731
+  scores = cosine(x, prototypes[0]) - cosine(x, prototypes[1])
+  assert written["test"]["auc"] == pytest.approx(skm.roc_auc_score(labels, scores),
+                                                 abs=1e-6)
+  assert written["test"]["accuracy"] == pytest.approx(
+      np.mean((scores > 0) == labels), abs=1e-9)
   assert "K-Means on" in written["cae"]["prototypes"]
-  assert sum(written["cae"]["final_cluster_sizes"]) == results["num_examples"]["train"]
   assert pathlib.Path(written["cae"]["reconstructions_png"]).is_file()
   assert pathlib.Path(written["cae"]["embeddings_png"]).is_file()
+
+  # Killed after the step-2 checkpoint and resumed: the ring buffer and its
+  # count are checkpointed, so the run ends exactly as the uninterrupted one.
+  method_checks.kill_and_resume(config, tmp_path / "resumed", kill_at_batch=3)
+  method_checks.assert_resumed_run_equals_whole_run(tmp_path / "work",
+                                                    tmp_path / "resumed")

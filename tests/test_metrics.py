@@ -59,7 +59,21 @@ def test_multiclass_auc_and_missing_class():
   labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
   probs = rng.dirichlet(np.ones(3), size=8)
   m = metrics.classification_metrics(labels, probs.argmax(1), probs, num_classes=3)
-  assert 0.0 <= m["auc"] <= 1.0
+  # One-vs-rest macro AUC by hand: for each class, the share of (positive,
+  # negative) pairs ranked in the right order, ties counting one half.
+  def pairwise_auc(positive, negative):
+    diff = positive[:, None] - negative[None, :]
+    return (np.sum(diff > 0) + 0.5 * np.sum(diff == 0)) / diff.size
+  expected = np.mean([pairwise_auc(probs[labels == c, c], probs[labels != c, c])
+                      for c in range(3)])
+  assert m["auc"] == pytest.approx(expected, abs=1e-12)
+  # A class absent from the labels: the mean over the present classes only.
+  present = labels != 2
+  m = metrics.classification_metrics(labels[present], probs[present].argmax(1),
+                                     probs[present], num_classes=3)
+  expected = np.mean([pairwise_auc(probs[present & (labels == c), c],
+                                   probs[present & (labels != c), c]) for c in (0, 1)])
+  assert m["auc"] == pytest.approx(expected, abs=1e-12)
   # A single present class: AUC undefined, reported as NaN with a warning.
   with pytest.warns(UserWarning, match="undefined"):
     m = metrics.classification_metrics([1, 1], [1, 0], [.3, .2], num_classes=2)

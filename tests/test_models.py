@@ -9,7 +9,6 @@ than the forward passes under test (init itself is traced by `eval_shape` here).
 from __future__ import annotations
 
 import functools
-import os
 
 import flax
 import jax
@@ -357,8 +356,6 @@ def test_registry_names_preprocessing_and_errors():
         RNGS, jnp.zeros((2, 32, 32, 1)), train=False))
 
 
-@pytest.mark.skipif(not os.environ.get("COMTRIPLET_KERAS_TESTS"),
-                    reason="builds Keras models (slow); set COMTRIPLET_KERAS_TESTS=1")
 @pytest.mark.parametrize("name", sorted(KERAS_PARAM_COUNTS))
 def test_counts_equal_keras_applications(name):
   keras = pytest.importorskip("keras")

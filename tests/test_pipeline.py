@@ -13,14 +13,14 @@ DIAGNOSES = {"mel": "melanoma", "nv": "nevus", "bkl": "bkl"}
 IMAGE_SIZE = 8
 
 
-def _synthetic_source(num_groups=40, seed=0, corrupt=None):
+def _synthetic_source(num_groups=40, seed=0, corrupt=None, max_group_size=3):
   """Groups of 1-3 images, each a flat colour whose red and blue encode its row.
 
   Images are PNG (lossless, so the colour survives exactly) of varying
   non-square sizes, except every fifth, a JPEG, to cover both decoding paths.
   """
   rng = np.random.default_rng(seed)
-  sizes = rng.integers(1, 4, num_groups)
+  sizes = rng.integers(1, max_group_size + 1, num_groups)
   group_labels = rng.choice(3, num_groups, p=(0.3, 0.5, 0.2))
   labels = np.repeat(group_labels, sizes)
   groups = np.repeat([f"lesion_{g:03d}" for g in range(num_groups)], sizes)
@@ -98,6 +98,36 @@ def test_splits_are_grouped_and_cover_the_dataset():
       assert not data.split_group_ids[a] & data.split_group_ids[b]
   assert data.train_class_counts.sum() == data.num_examples["train"]
   assert set(data.eval) == {"validation", "test"}
+
+
+def _source_rows_by_split(data) -> dict[str, np.ndarray]:
+  """The source rows of every prepared example, read from the images themselves."""
+  rows = {"train": np.array([_row_in(e["image"]) for e in
+                             data.train_examples.as_numpy_iterator()])}
+  for split, dataset in data.eval.items():
+    rows[split] = np.concatenate([
+        _row_in(b["image"]).reshape(-1)[b["mask"].reshape(-1)]
+        for b in dataset.as_numpy_iterator()])
+  return rows
+
+
+def test_every_source_lesion_lies_in_exactly_one_split():
+  # Checked against the source, not against ids that the split made: each
+  # prepared example's pixels encode its source row, and the row's lesion is
+  # read from the source's own column. Lesions hold 1-5 images.
+  source, labels, groups, ids = _synthetic_source(num_groups=30, seed=5,
+                                                  max_group_size=5)
+  lesion = np.where(groups == "", ids, groups)
+  assert np.sum(np.unique(lesion, return_counts=True)[1] >= 3) >= 10
+  data = _build(source, num_local_devices=1, eval_batch_size=4)
+  split_of_row = np.full(labels.size, "", dtype=object)
+  for split, rows in _source_rows_by_split(data).items():
+    assert np.all(split_of_row[rows] == ""), "a source row is in two examples"
+    split_of_row[rows] = split
+  assert np.all(split_of_row != ""), "a source row is in no split"
+  for name in np.unique(lesion):
+    splits = set(split_of_row[lesion == name])
+    assert len(splits) == 1, f"lesion {name} is in the splits {sorted(splits)}"
 
 
 def test_train_batches_for_one_and_four_devices():

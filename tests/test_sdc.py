@@ -2,26 +2,28 @@
 
 A tiny VGG at 32 px (it compiles four times faster than tiny_resnet); a few
 steps train, evaluate with the prototypes and write the report (feature
-selection, embedding picture); the centres are the same on every device and
-are checkpointed, so a run resumed from a mid-run checkpoint ends with the
-same parameters and centres;
-pmap and shard_map give the same SDC step; bad SDC fields are named.
+selection, embedding picture), whose metrics are recomputed here from the
+selected checkpoint; the centres are the same on every device and are
+checkpointed, so a killed run resumes to exactly the same state and results;
+pmap and shard_map give the same SDC step; bad SDC fields are named. How SDC
+wires its equations is tested on a stand-in embedding in test_method_wiring.py.
 """
 
 import importlib.util
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from sklearn import metrics as skm
 
 from comtriplet_jax import parallel
 from comtriplet_jax import train
 from comtriplet_jax.data import triplets
 from comtriplet_jax.methods import sdc
+
+import method_checks
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -50,57 +52,63 @@ def make_config(fake_ham=None, data_dir=None, arg=None, **overrides):
   return config
 
 
-def _latest(workdir: pathlib.Path):
-  mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
-  return mngr.latest_step(), mngr.restore(mngr.latest_step())
-
-
-def test_sdc_trains_evaluates_resumes_and_reports(fake_ham, data_dir, tmp_path,
-                                                  monkeypatch):
+def test_sdc_trains_evaluates_resumes_and_reports(fake_ham, data_dir, tmp_path):
   config = make_config(fake_ham, data_dir)
+  # Keeps several features under both rules (at the default scale the 'range'
+  # rule kept one feature of these 16, whose cosine distances are all 0 or 2 and
+  # whose AUC is decided by rounding).
+  config.sdc.feature_selection_scale = 0.2
   results = train.train_and_evaluate(config, str(tmp_path / "whole"))
   written = json.loads((tmp_path / "whole" / "results.json").read_text())
-  for split in ("validation", "test"):
-    assert 0.0 <= written[split]["auc"] <= 1.0
-    for rule in ("range", "mean_difference"):
-      selected = written["feature_selection"][rule]
-      assert 1 <= selected["num_features_kept"] <= 16
-      assert 0.0 <= selected[split]["auc"] <= 1.0
-      assert selected[split]["num_examples"] == results["num_examples"][split]
-  assert written["prototypes"]["num_updates"] >= 1
-  assert 0.0 < written["prototypes"]["separation"] <= 2.0
+  # The loop's metrics equal scikit-learn's on prototype scores computed outside it.
+  method_checks.assert_results_match_rescoring(config, tmp_path / "whole", written)
+  _, best = method_checks.latest_checkpoint(tmp_path / "whole", "best_checkpoint")
+  centres = best["method_state"]["centres"]
+  assert written["prototypes"]["num_updates"] == int(centres["num_updates"]) >= 1
+  assert written["prototypes"]["separation"] == pytest.approx(
+      float(centres["separation"]), rel=1e-6)
+
+  # Feature selection: the kept features are those whose prototype difference
+  # reaches the rule's threshold, and the metrics are those of the distances on
+  # the kept features only.
+  centre_min = np.asarray(centres["centre_min"], np.float64)
+  centre_maj = np.asarray(centres["centre_maj"], np.float64)
+  difference = np.abs(centre_min - centre_maj)
+  spread = lambda c: c.max() - c.min()  # noqa: E731
+  thresholds = {"range": 0.5 * (spread(centre_min) + spread(centre_maj)),
+                "mean_difference": difference.mean()}
+  method, data, labels, _, _ = method_checks.score_split(config, tmp_path / "whole",
+                                                         "test", state=best)
+  variables = {"params": best["params"], "batch_stats": best["batch_stats"]}
+  embed = jax.jit(method.embed)
+  embeddings = []
+  for batch in data.eval["test"].as_numpy_iterator():
+    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+    mask = batch["mask"].reshape(-1)
+    embeddings.append((np.asarray(embed(variables, images))[mask],
+                       batch["index"].reshape(-1)[mask]))
+  x = np.concatenate([e for e, _ in embeddings]).astype(np.float64)
+  x = x[np.argsort(np.concatenate([i for _, i in embeddings]))]
+  for rule, threshold in thresholds.items():
+    selected = written["feature_selection"][rule]
+    keep = (difference >= config.sdc.feature_selection_scale * threshold) | (
+        np.arange(difference.size) == difference.argmax())
+    assert selected["num_features_kept"] == keep.sum() > 1
+    cosine = lambda a, c: 1 - a @ c / (np.linalg.norm(a, axis=1) * np.linalg.norm(c))  # noqa: E731
+    scores = (cosine(x[:, keep], centre_maj[keep]) - cosine(x[:, keep], centre_min[keep]))
+    assert selected["test"]["auc"] == pytest.approx(skm.roc_auc_score(labels, scores),
+                                                    abs=1e-6)
+    assert selected["test"]["num_examples"] == results["num_examples"]["test"]
   png = pathlib.Path(written["embedding_plot"])
   assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  # Resume from the step-3 checkpoint: a copy of the run without its later
-  # checkpoint is what a run killed after step 3 leaves behind. The resumed run
-  # must draw the triplets of steps 4-6 and restore the step-3 centres, and end
-  # where the uninterrupted run ended.
-  shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
-  step, killed = _latest(tmp_path / "resumed")
-  assert step == 3
-  assert int(killed["method_state"]["centres"]["num_updates"]) >= 1
+  # Killed after the step-3 checkpoint, while drawing the triplets of step 5,
+  # and resumed: the triplets of steps 4-6 and the step-3 centres are restored,
+  # and the run ends exactly where the uninterrupted one ended.
   config.sdc.embedding_plot = False   # the report was checked above
-  config.sdc.feature_selection = "none"
-  starts = []
-  real_stream = triplets.triplet_stream
-
-  def recording_stream(*args, start_step=0, **kwargs):
-    starts.append(start_step)
-    return real_stream(*args, start_step=start_step, **kwargs)
-
-  monkeypatch.setattr(triplets, "triplet_stream", recording_stream)
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert starts == [3]
-
-  step_a, whole = _latest(tmp_path / "whole")
-  step_b, resumed = _latest(tmp_path / "resumed")
-  assert step_a == step_b == 6
-  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(whole["method_state"]["centres"]["num_updates"],
-                                resumed["method_state"]["centres"]["num_updates"])
+  method_checks.kill_and_resume(config, tmp_path / "resumed", kill_at_batch=4)
+  method_checks.assert_resumed_run_equals_whole_run(tmp_path / "whole",
+                                                    tmp_path / "resumed")
 
 
 def _random_triplets(batch_size, seed=0):
@@ -155,7 +163,8 @@ def test_centres_identical_on_every_device_and_pmap_equals_shard_map():
     for s in shards[1:]:
       np.testing.assert_array_equal(s, shards[0])
   a, b = par_p.unreplicate(pmapped), par_s.unreplicate(sharded)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 

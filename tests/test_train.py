@@ -1,7 +1,8 @@
 """The training loop end to end on a small generated HAM10000-like folder.
 
 Four fake CPU devices, a tiny backbone at 32 px: a few steps train, evaluate,
-checkpoint and write metrics; a killed run resumes to the same parameters; a
+checkpoint and write metrics that scikit-learn recomputes from the selected
+checkpoint; a killed run resumes to exactly the same state and results; a
 non-finite loss stops the run and keeps the last good checkpoint; pmap and
 shard_map runs give the same parameters.
 """
@@ -16,7 +17,9 @@ import pytest
 
 from comtriplet_jax import configlib
 from comtriplet_jax import train
-from comtriplet_jax.data import pipeline
+
+import method_checks
+
 
 def make_config(fake_ham, data_dir, **overrides):
   config = configlib.base_config()
@@ -47,41 +50,23 @@ def test_train_evaluate_writes_everything(fake_ham, data_dir, tmp_path):
   assert set(results) >= {"validation", "test", "best_step"}
   written = json.loads((tmp_path / "results.json").read_text())
   for split in ("validation", "test"):
-    assert 0.0 <= written[split]["accuracy"] <= 1.0
     assert sum(map(sum, written[split]["confusion_matrix"])) == results["num_examples"][split]
+  # The loop's metrics equal scikit-learn's on the selected checkpoint's scores,
+  # computed one image at a time outside the loop.
+  method_checks.assert_results_match_rescoring(config, tmp_path, written)
   assert (tmp_path / "best.json").exists()
   assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
   step, _ = _final_params(tmp_path)
   assert step == 6
 
 
-def test_killed_run_resumes_to_the_same_parameters(fake_ham, data_dir, tmp_path,
-                                                   monkeypatch):
+def test_killed_run_resumes_to_the_same_parameters(fake_ham, data_dir, tmp_path):
   config = make_config(fake_ham, data_dir, augment=True)
   train.train_and_evaluate(config, str(tmp_path / "whole"))
-
-  # Kill the second run right after its step-3 checkpoint, while it is fetching
-  # the batch of step 5.
-  real_iterate = pipeline.iterate_train
-
-  def dying_iterate(data, start_step):
-    for i, batch in enumerate(real_iterate(data, start_step)):
-      if start_step == 0 and i == 4:
-        raise KeyboardInterrupt("simulated kill")
-      yield batch
-
-  monkeypatch.setattr(pipeline, "iterate_train", dying_iterate)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / "killed"))
-  step, _ = _final_params(tmp_path / "killed")
-  assert step == 3
-  train.train_and_evaluate(config, str(tmp_path / "killed"))
-
-  step_a, whole = _final_params(tmp_path / "whole")
-  step_b, resumed = _final_params(tmp_path / "killed")
-  assert step_a == step_b == 6
-  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Killed right after its step-3 checkpoint, while fetching the batch of step 5.
+  method_checks.kill_and_resume(config, tmp_path / "killed", kill_at_batch=4)
+  method_checks.assert_resumed_run_equals_whole_run(tmp_path / "whole",
+                                                    tmp_path / "killed")
 
 
 def test_pmap_and_shard_map_runs_agree(fake_ham, data_dir, tmp_path):
@@ -91,7 +76,9 @@ def test_pmap_and_shard_map_runs_agree(fake_ham, data_dir, tmp_path):
                          eval_every_steps=2, checkpoint_every_steps=2)
     train.train_and_evaluate(config, str(tmp_path / mode))
     runs[mode] = _final_params(tmp_path / mode)[1]
-  for a, b in zip(jax.tree.leaves(runs["pmap"]), jax.tree.leaves(runs["shard_map"])):
+  assert jax.tree.structure(runs["pmap"]) == jax.tree.structure(runs["shard_map"])
+  for a, b in zip(jax.tree.leaves(runs["pmap"]), jax.tree.leaves(runs["shard_map"]),
+                  strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

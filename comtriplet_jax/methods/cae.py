@@ -340,6 +340,8 @@ class CAE(base.Method):
     else:
       details["prototypes"] = "running K-Means on the feature buffer"
       prototypes = np.asarray(host.method_state["prototypes"])
+    # Rows (majority, minority): what Eq. 14 scores test images against.
+    details["prototype_vectors"] = np.asarray(prototypes, np.float32).tolist()
     picture = self._write_reconstructions(variables, data, workdir)
     if picture:
       details["reconstructions_png"] = picture

@@ -1,0 +1,162 @@
+"""Checks that the method tests share: exact trees, kill-and-resume, rescoring a run.
+
+* :func:`assert_trees_equal`: same tree structure and every leaf bit-identical.
+* :func:`kill_and_resume`: a run killed while it fetches a given training batch,
+  then resumed in the same workdir, as a user would after a crash.
+* :func:`rescored_metrics`: a finished run's evaluation done again outside the
+  training loop: the selected checkpoint restored from disk, every example of a
+  split scored one at a time by a plain ``jax.jit`` of ``Method.predict``, and
+  the metrics computed by scikit-learn here, so that a run's ``results.json`` is
+  checked against something other than itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from sklearn import metrics as skm
+
+from comtriplet_jax import methods
+from comtriplet_jax import train
+
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, arg: str | None = None):
+  """``configs/<name>.py``'s ``get_config(arg)``."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def assert_trees_equal(a, b) -> None:
+  """Same structure, and every leaf equal bit for bit (NaN equal to NaN)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b), (
+      f"the trees differ in structure:\n{jax.tree.structure(a)}\n"
+      f"{jax.tree.structure(b)}")
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                          jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def latest_checkpoint(workdir: pathlib.Path, folder: str = "checkpoints"):
+  """(step, restored tree) of the newest checkpoint in ``workdir/folder``."""
+  mngr = ocp.CheckpointManager((pathlib.Path(workdir) / folder).absolute())
+  step = mngr.latest_step()
+  assert step is not None, f"no checkpoint in {workdir / folder}"
+  restored = mngr.restore(step)
+  mngr.close()
+  return step, restored
+
+
+def kill_and_resume(config, workdir: pathlib.Path, *, kill_at_batch: int) -> dict:
+  """Runs ``config`` killed while fetching batch ``kill_at_batch``, then resumes it.
+
+  The method's ``train_stream`` raises ``KeyboardInterrupt`` (what Ctrl-C or a
+  scheduler's signal raises) when a fresh run asks for that batch; the second
+  call finds the checkpoints and continues. Returns the resumed run's results.
+  """
+  method_cls = methods.get_method(config.method)
+  real_stream = method_cls.train_stream
+  starts = []
+
+  def dying_stream(self, data, start_step):
+    starts.append(start_step)
+    for i, batch in enumerate(real_stream(self, data, start_step)):
+      if start_step == 0 and i == kill_at_batch:
+        raise KeyboardInterrupt("simulated kill")
+      yield batch
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(method_cls, "train_stream", dying_stream)
+    with pytest.raises(KeyboardInterrupt, match="simulated kill"):
+      train.train_and_evaluate(config, str(workdir))
+    killed_at, _ = latest_checkpoint(workdir)
+    assert 0 < killed_at <= kill_at_batch, killed_at
+    results = train.train_and_evaluate(config, str(workdir))
+  # The resumed run asked for the stream from its checkpoint's step, not from 0.
+  assert starts == [0, killed_at], starts
+  return results
+
+
+def assert_resumed_run_equals_whole_run(whole: pathlib.Path, resumed: pathlib.Path
+                                        ) -> None:
+  """Final train state and validation and test results are the same, exactly."""
+  step_a, state_a = latest_checkpoint(whole)
+  step_b, state_b = latest_checkpoint(resumed)
+  assert step_a == step_b
+  assert_trees_equal(state_a, state_b)
+  best_a, best_b = (latest_checkpoint(w, "best_checkpoint") for w in (whole, resumed))
+  assert best_a[0] == best_b[0]
+  assert_trees_equal(best_a[1], best_b[1])
+  import json  # pylint: disable=g-import-not-at-top
+  results_a = json.loads((whole / "results.json").read_text())
+  results_b = json.loads((resumed / "results.json").read_text())
+  for key in ("best_step", "validation", "test"):
+    assert results_a[key] == results_b[key], key
+
+
+def score_split(config, workdir: pathlib.Path, split: str, *, state=None):
+  """Labels, scores and predictions of every example of a split, outside the loop.
+
+  ``state`` defaults to the run's selected checkpoint (``best_checkpoint``).
+  Returns ``(method, data, labels [n], scores [n] or [n, C], predictions [n])``
+  in the split's example order.
+  """
+  data = train.load_data(config, num_local_devices=1)
+  method = methods.get_method(config.method)(
+      config, num_classes=data.num_classes, train_class_counts=data.train_class_counts,
+      steps_per_epoch=max(1, data.num_examples["train"] // config.batch_size))
+  if state is None:
+    _, state = latest_checkpoint(workdir, "best_checkpoint")
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  predict = jax.jit(method.predict)
+  scores, predictions, indices = [], [], []
+  for batch in data.eval[split].as_numpy_iterator():
+    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+    mask = batch["mask"].reshape(-1)
+    for image, index in zip(images[mask], batch["index"].reshape(-1)[mask]):
+      out = predict(variables, state["method_state"], image[None])
+      scores.append(np.asarray(out["scores"])[0])
+      predictions.append(int(np.asarray(out["predictions"])[0]))
+      indices.append(int(index))
+  assert sorted(indices) == list(range(data.num_examples[split]))
+  order = np.argsort(indices)
+  labels = data.eval_labels[split]
+  return (method, data, labels, np.asarray(scores)[order],
+          np.asarray(predictions)[order])
+
+
+def rescored_metrics(config, workdir: pathlib.Path, split: str) -> dict[str, float]:
+  """scikit-learn's metrics of :func:`score_split` (accuracy, AUC, macro F1)."""
+  _, data, labels, scores, predictions = score_split(config, workdir, split)
+  out = {"accuracy": skm.accuracy_score(labels, predictions),
+         "f1_macro": skm.f1_score(labels, predictions, average="macro",
+                                  labels=np.arange(data.num_classes), zero_division=0),
+         "num_examples": labels.size}
+  if np.unique(labels).size == data.num_classes:
+    out["auc"] = (skm.roc_auc_score(labels, scores) if data.num_classes == 2 else
+                  skm.roc_auc_score(labels, scores / scores.sum(1, keepdims=True),
+                                    multi_class="ovr"))
+  return out
+
+
+def assert_results_match_rescoring(config, workdir: pathlib.Path,
+                                   results: dict | None = None) -> None:
+  """``results`` (default: the run's results.json) equal :func:`rescored_metrics`."""
+  if results is None:
+    import json  # pylint: disable=g-import-not-at-top
+    results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
+  for split in ("validation", "test"):
+    expected = rescored_metrics(config, workdir, split)
+    for name, value in expected.items():
+      assert results[split][name] == pytest.approx(value, abs=1e-6), (split, name)
