@@ -20,6 +20,7 @@ DATASETS = ("ham10000", "ph2", "isic2017", "isic2019", "isic2020")
 TASKS = ("melanoma_vs_nevus", "malignant_vs_benign", "melanoma_vs_rest",
          "sk_vs_rest", "all")
 SPLIT_SCHEMES = ("75/12.5/12.5", "80/20")
+SPLIT_BY = ("lesion", "image")
 NORMALIZATIONS = ("unit", "backbone", "imagenet_caffe", "imagenet_torch", "raw")
 LOSS_WEIGHTINGS = ("none", "dataset", "batch")
 PARALLELISMS = ("pmap", "shard_map")
@@ -107,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "melanoma_vs_nevus"
   c.split_scheme = "75/12.5/12.5"
   c.split_seed = 0
+  # 'lesion' (default): every image of a lesion or patient in one split.
+  # 'image': each image its own group, which leaks lesions across splits; only
+  # for measuring that leakage (the study's claim L1), never for results.
+  c.split_by = "lesion"
   c.val_fraction = 0.1      # 80/20 scheme only: share of the train part for validation
   c.train_class_counts = ""  # e.g. "4500:75" majority:minority (imbalance study)
   c.image_size = 256
@@ -160,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("dataset", DATASETS)
   one_of("task", TASKS)
   one_of("split_scheme", SPLIT_SCHEMES)
+  one_of("split_by", SPLIT_BY)
   from comtriplet_jax import models  # pylint: disable=g-import-not-at-top
   one_of("backbone", models.BACKBONES)
   one_of("normalization", NORMALIZATIONS)

@@ -239,7 +239,7 @@ def load_data(config: ml_collections.ConfigDict, num_local_devices: int
       process_index=jax.process_index(), process_count=jax.process_count(),
       data_dir=config.tfds_data_dir or None, manual_dir=config.manual_dir or None,
       train_class_counts=config.train_class_counts, val_fraction=config.val_fraction,
-      cache=config.cache_images, shuffle_seed=config.seed)
+      cache=config.cache_images, shuffle_seed=config.seed, split_by=config.split_by)
 
 
 # ----------------------------------------------------------------------- loop

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -119,7 +121,9 @@ def test_every_source_lesion_lies_in_exactly_one_split():
                                                   max_group_size=5)
   lesion = np.where(groups == "", ids, groups)
   assert np.sum(np.unique(lesion, return_counts=True)[1] >= 3) >= 10
-  data = _build(source, num_local_devices=1, eval_batch_size=4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)   # no split_by warning by default
+    data = _build(source, num_local_devices=1, eval_batch_size=4)
   split_of_row = np.full(labels.size, "", dtype=object)
   for split, rows in _source_rows_by_split(data).items():
     assert np.all(split_of_row[rows] == ""), "a source row is in two examples"
@@ -128,6 +132,23 @@ def test_every_source_lesion_lies_in_exactly_one_split():
   for name in np.unique(lesion):
     splits = set(split_of_row[lesion == name])
     assert len(splits) == 1, f"lesion {name} is in the splits {sorted(splits)}"
+
+
+def test_split_by_image_leaks_lesions_only_when_asked_for():
+  source, labels, groups, ids = _synthetic_source(num_groups=30, seed=5,
+                                                  max_group_size=5)
+  lesion = np.where(groups == "", ids, groups)
+  with pytest.warns(UserWarning, match=r"split_by='image'.* share a lesion"):
+    data = _build(source, num_local_devices=1, eval_batch_size=4, split_by="image")
+  split_of_row = np.full(labels.size, "", dtype=object)
+  for split, rows in _source_rows_by_split(data).items():
+    split_of_row[rows] = split
+  assert np.all(split_of_row != "")
+  leaked = [name for name in np.unique(lesion)
+            if len(set(split_of_row[lesion == name])) > 1]
+  assert leaked, "no lesion spans two splits"
+  with pytest.raises(ValueError, match="split_by must be one of"):
+    _build(source, split_by="patient")
 
 
 def test_train_batches_for_one_and_four_devices():

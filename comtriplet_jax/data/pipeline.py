@@ -38,14 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from comtriplet_jax.data import builders
 from comtriplet_jax.data import splits
+
+SPLIT_BY = ("lesion", "image")
 
 # Features every builder provides; others (ISIC 2020's diagnosis) are dropped.
 _FEATURES = ("image", "label", "group_id", "image_id")
@@ -361,8 +365,11 @@ def _check_arguments(*, task: str, split_scheme: str, image_size: int,
                      batch_size: int, eval_batch_size: int,
                      num_local_devices: int, process_index: int,
                      process_count: int, val_fraction: float,
-                     shuffle_buffer_size: int | None) -> None:
+                     shuffle_buffer_size: int | None, split_by: str = "lesion"
+                     ) -> None:
   """Rejects bad arguments before any data is read, naming them."""
+  if split_by not in SPLIT_BY:
+    raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
   if task not in splits.TASKS:
     raise ValueError(f"task must be one of {splits.TASKS}, got {task!r}")
   if split_scheme not in splits.SPLIT_SCHEMES:
@@ -397,7 +404,8 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
                    process_index: int = 0, process_count: int = 1,
                    train_class_counts: str = "", val_fraction: float = 0.1,
                    cache: bool = True, shuffle_seed: int = 0,
-                   shuffle_buffer_size: int | None = None) -> Datasets:
+                   shuffle_buffer_size: int | None = None,
+                   split_by: str = "lesion") -> Datasets:
   """Training and evaluation pipelines from an ``ExampleSource``.
 
   See ``create_datasets`` for the arguments; ``shuffle_buffer_size`` (None: the
@@ -409,8 +417,17 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
       batch_size=batch_size, eval_batch_size=eval_batch_size,
       num_local_devices=num_local_devices, process_index=process_index,
       process_count=process_count, val_fraction=val_fraction,
-      shuffle_buffer_size=shuffle_buffer_size)
+      shuffle_buffer_size=shuffle_buffer_size, split_by=split_by)
   metadata = read_metadata(source)
+  if split_by == "image":
+    shared = metadata.group_ids.size - np.unique(metadata.group_ids).size
+    message = (f"split_by='image': {source.name}'s images are split one by one, so "
+               f"images of one lesion can land in different splits ({shared} of its "
+               f"{metadata.group_ids.size} images share a lesion with another). Test "
+               "metrics are then optimistic; use it only to measure that leakage.")
+    warnings.warn(message)
+    logging.warning(message)
+    metadata = dataclasses.replace(metadata, group_ids=metadata.image_ids)
   plan = plan_splits(metadata, source, task=task, split_scheme=split_scheme,
                      split_seed=split_seed, val_fraction=val_fraction,
                      train_class_counts=train_class_counts)
@@ -516,7 +533,8 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
                     train_class_counts: str = "", val_fraction: float = 0.1,
                     cache: bool = True, shuffle_seed: int = 0,
                     builder_config: str | None = None,
-                    shuffle_buffer_size: int | None = None) -> Datasets:
+                    shuffle_buffer_size: int | None = None,
+                    split_by: str = "lesion") -> Datasets:
   """Prepares a dataset and builds its training and evaluation pipelines.
 
   Args:
@@ -540,6 +558,9 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
     shuffle_seed: seed of the per-epoch training shuffle.
     builder_config: builder config (None: the builder's choice).
     shuffle_buffer_size: see ``build_datasets``.
+    split_by: 'lesion' (every image of a lesion or patient in one split) or
+      'image' (each image on its own, with a warning: lesions leak across
+      splits; only for measuring that leakage).
 
   Returns:
     ``Datasets``.
@@ -550,7 +571,7 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
       batch_size=batch_size, eval_batch_size=eval_batch_size,
       num_local_devices=num_local_devices, process_index=process_index,
       process_count=process_count, val_fraction=val_fraction,
-      shuffle_buffer_size=shuffle_buffer_size)
+      shuffle_buffer_size=shuffle_buffer_size, split_by=split_by)
   builder = builders.get_builder(dataset, data_dir=data_dir,
                                  manual_dir=manual_dir, config=builder_config)
   builders.prepare(builder)
@@ -561,7 +582,7 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
       process_index=process_index, process_count=process_count,
       train_class_counts=train_class_counts, val_fraction=val_fraction,
       cache=cache, shuffle_seed=shuffle_seed,
-      shuffle_buffer_size=shuffle_buffer_size)
+      shuffle_buffer_size=shuffle_buffer_size, split_by=split_by)
 
 
 def iterate_train(data: Datasets, start_step: int = 0):
