@@ -122,6 +122,20 @@ def test_every_device_fits_the_same_gmm_to_all_embeddings():
                                minority[rows].mean(), rtol=1e-6)
 
 
+def _overlapping_cluster_images(rng):
+  """Two tight clusters whose directions are only ~28 degrees apart, and one point
+  that the GMM puts in the majority cluster but whose direction is nearer the
+  minority mean's: triplet hinges are active, and the two assignments differ."""
+  minority = np.zeros(24, bool)
+  minority[rng.permutation(23)[:9]] = True
+  base = np.where(minority[:, None], np.tile([200, 120], 4), np.tile([60, 100], 4))
+  pixels = np.clip(base + rng.normal(0, 6, size=(24, 8)), 0, 255)
+  pixels[23] = np.tile([90, 85], 4)
+  images = np.zeros((24, 2, 2, 3), np.uint8)
+  images.reshape(24, -1)[:, :8] = pixels.astype(np.uint8)
+  return images.reshape(4, 6, 2, 2, 3), minority
+
+
 @pytest.mark.parametrize("fields,loss_fn,features", [
     ({"loss": "triplet", "margin": "0.2"},
      lambda e, lo, hi, pseudo: losses.centre_triplet_loss(
@@ -142,7 +156,7 @@ def test_each_switch_changes_the_loss_or_the_fit_as_it_says(fields, loss_fn, fea
   config = make_config()
   config.udc.update(fields)
   method = _PixelUDC(config, num_classes=2, train_class_counts=[15, 9])
-  images, minority = _two_cluster_images(np.random.default_rng(2))
+  images, minority = _overlapping_cluster_images(np.random.default_rng(2))
   labels = minority.reshape(4, 6).astype(np.int32)
   labels[0, :2] = 1 - labels[0, :2]   # two wrong labels: agreement is not 1
   state = method.init_method_state(None)
@@ -163,16 +177,45 @@ def test_each_switch_changes_the_loss_or_the_fit_as_it_says(fields, loss_fn, fea
   small = int(np.argmin(fit.weights))
   mu_min, mu_maj = np.asarray(fit.means[small]), np.asarray(fit.means[1 - small])
   pseudo = (np.argmax(fit.responsibilities, 1) == small).astype(np.int32)
-  np.testing.assert_array_equal(pseudo, minority)
+  # The two clusters are found (the last point is the ambiguous one).
+  np.testing.assert_array_equal(pseudo[:23], minority[:23])
+  if features == "raw":
+    # The data tell the switches apart: the GMM's and the nearest-mean (cosine)
+    # assignments differ on the last point.
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    nearer_min = (unit(embeddings) @ unit(mu_min)) > (unit(embeddings) @ unit(mu_maj))
+    assert nearer_min[23] and not pseudo[23]
   for d in range(4):
     np.testing.assert_allclose(aux["centre_min"][d], mu_min, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["centre_maj"][d], mu_maj, rtol=1e-5, atol=1e-6)
     rows = slice(6 * d, 6 * d + 6)
     expected = jnp.mean(loss_fn(embeddings[rows], mu_min, mu_maj, pseudo[rows])[0])
+    assert expected > 0
     np.testing.assert_allclose(loss[d], expected, rtol=1e-5, atol=1e-6)
     # Monitoring only: the share of this device's pseudo-labels that are right.
     np.testing.assert_allclose(metrics["pseudo_label_agreement"][d],
                                np.mean(pseudo[rows] == labels[d]))
+
+
+def test_gmm_key_comes_from_the_seed_and_the_step(monkeypatch):
+  keys = []
+  real_fit = gmm.fit_gmm
+
+  def recording_fit(x, k, *, key, **kwargs):
+    keys.append(np.asarray(key))
+    return real_fit(x, k, key=key, **kwargs)
+
+  monkeypatch.setattr(udc.gmm, "fit_gmm", recording_fit)
+  config = make_config(seed=3)
+  method = _PixelUDC(config, num_classes=2, train_class_counts=[15, 9])
+  images, _ = _two_cluster_images(np.random.default_rng(1))
+  x = jnp.asarray(images.reshape(24, -1)[:, :8], jnp.float32)
+  for step in (4, 5, 4):
+    method.fit_clusters(x, jnp.asarray(step, jnp.int32))
+  expected = [np.asarray(jax.random.fold_in(jax.random.fold_in(
+      jax.random.PRNGKey(3), udc._GMM_KEY_TAG), step)) for step in (4, 5, 4)]
+  np.testing.assert_array_equal(np.stack(keys), np.stack(expected))
+  assert not np.array_equal(keys[0], keys[1])
 
 
 def test_diag_fit_matches_the_gmm_module():
