@@ -25,6 +25,7 @@ NORMALIZATIONS = ("unit", "backbone", "imagenet_caffe", "imagenet_torch", "raw")
 LOSS_WEIGHTINGS = ("none", "dataset", "batch")
 PARALLELISMS = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine")
 STRATEGY_PARTS = ("NP", "TL", "DA", "LW")
 
 
@@ -129,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 15         # global, across devices
   c.eval_batch_size = 64
   c.learning_rate = 1e-5
+  c.lr_schedule = "constant"  # or 'cosine': warm-up over warmup_steps, cosine decay to 0
+  c.warmup_steps = 0
   c.adam_b1 = 0.9
   c.adam_b2 = 0.99
   c.adam_eps = 1e-7
@@ -172,6 +175,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("loss_weighting", LOSS_WEIGHTINGS)
   one_of("parallelism", PARALLELISMS)
   one_of("dtype", DTYPES)
+  one_of("lr_schedule", LR_SCHEDULES)
+  if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
+    raise ValueError(f"config.warmup_steps={config.warmup_steps!r} must be an integer "
+                     ">= 0")
   for field in ("image_size", "batch_size", "eval_batch_size", "learning_rate",
                 "num_epochs", "log_every_steps", "max_checkpoints_to_keep"):
     positive(field)

@@ -65,10 +65,28 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def learning_rate(config: ml_collections.ConfigDict, num_steps: int | None = None
+                  ) -> float | optax.Schedule:
+  """``config.learning_rate``, constant (both papers), or warm-up then cosine decay.
+
+  ``lr_schedule='cosine'``: linear warm-up from 0 over ``warmup_steps``, then a
+  cosine decay to 0 at ``num_steps`` (``optax.warmup_cosine_decay_schedule``).
+  """
+  if config.lr_schedule == "constant":
+    return config.learning_rate
+  if num_steps is None:
+    raise ValueError("config.lr_schedule='cosine' needs the number of training steps")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=min(config.warmup_steps, num_steps), decay_steps=num_steps,
+      end_value=0.0)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, num_steps: int | None = None
+                     ) -> optax.GradientTransformation:
   """Adam with the paper's settings (beta1 0.9, beta2 0.99, eps 1e-7 by default)."""
-  return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
-                    eps=config.adam_eps)
+  return optax.adam(learning_rate(config, num_steps), b1=config.adam_b1,
+                    b2=config.adam_b2, eps=config.adam_eps)
 
 
 # ---------------------------------------------------------------------- steps
@@ -304,15 +322,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     variables = _merge_backbone(
         variables, load_backbone_variables(config.init_from, config.backbone),
         config.backbone)
-  tx = create_optimizer(config)
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  tx = create_optimizer(config, num_steps)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                      batch_stats=variables["batch_stats"],
                      opt_state=tx.init(variables["params"]), method_state=method_state)
   if is_chief:
     parameter_overview.log_parameter_overview(state.params)
 
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else int(math.ceil(config.num_epochs * steps_per_epoch)))
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                 else eval_every)

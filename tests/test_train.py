@@ -105,3 +105,24 @@ def test_bad_config_is_rejected_before_reading_data(tmp_path):
   config.method = "magic"
   with pytest.raises(ValueError, match="config.method"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_learning_rate_schedules_by_hand():
+  config = configlib.base_config()
+  config.learning_rate = 1e-3
+  assert train.learning_rate(config, 100) == 1e-3     # constant: the papers'
+  config.lr_schedule, config.warmup_steps = "cosine", 10
+  configlib.validate(config)
+  schedule = train.learning_rate(config, 110)
+  # Linear warm-up to the peak at step 10, then 1e-3 * (1 + cos(pi t / 100)) / 2.
+  for step, expected in ((0, 0.0), (5, 5e-4), (10, 1e-3), (60, 5e-4), (110, 0.0),
+                         (35, 1e-3 * (1 + np.cos(np.pi * 25 / 100)) / 2)):
+    assert float(schedule(step)) == pytest.approx(expected, abs=1e-9), step
+  with pytest.raises(ValueError, match="needs the number of training steps"):
+    train.learning_rate(config)
+  config.warmup_steps = -1
+  with pytest.raises(ValueError, match="config.warmup_steps"):
+    configlib.validate(config)
+  config.warmup_steps, config.lr_schedule = 0, "step"
+  with pytest.raises(ValueError, match="config.lr_schedule"):
+    configlib.validate(config)
