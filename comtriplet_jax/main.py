@@ -25,6 +25,10 @@ from comtriplet_jax import distributed  # noqa: E402  (defines its flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+flags.DEFINE_bool("fresh", False,
+                  "Delete the run in --workdir (checkpoints, records, results, "
+                  "TensorBoard events) and start again; by default a run resumes, "
+                  "and refuses when --workdir holds a run of another config.")
 config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally followed by :ARG.",
     lock_config=True)
@@ -52,7 +56,7 @@ def main(argv):
 
   logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, fresh=FLAGS.fresh)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Callable, Iterator
 
@@ -40,6 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from comtriplet_jax import configlib
+from comtriplet_jax import faults
 from comtriplet_jax import parallel
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import metrics as metrics_lib
@@ -260,7 +262,7 @@ def load_data(config: ml_collections.ConfigDict, num_local_devices: int
       cache=config.cache_images, shuffle_seed=config.seed, split_by=config.split_by)
 
 
-# ----------------------------------------------------------------------- loop
+# ------------------------------------------------------- what a workdir holds
 @dataclasses.dataclass
 class _Best:
   step: int = -1
@@ -268,6 +270,95 @@ class _Best:
   metrics: dict[str, Any] | None = None
 
 
+CONFIG_FILE = "config.json"
+BEST_FILE = "best.json"
+RESULTS_FILE = "results.json"
+# Fields that change where data is read or what is logged and kept, not what is
+# trained: a resumed run may change them.
+RESUMABLE_FIELDS = frozenset({
+    "manual_dir", "tfds_data_dir", "log_every_steps", "eval_batch_size",
+    "max_checkpoints_to_keep", "sdc.embedding_plot", "udc.embedding_plot",
+    "biigma.report_images"})
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The resolved config as JSON data (tuples become lists)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses to resume a run in ``workdir`` that was made under another config.
+
+  Raises:
+    ValueError: naming every differing field that changes training, with both
+      values, and how to proceed.
+  """
+  recorded_file = workdir / CONFIG_FILE
+  if not recorded_file.exists():
+    if (workdir / "checkpoints").exists():
+      logging.warning("%s holds checkpoints but no %s (made by an older version): "
+                      "resuming without checking its config", workdir, CONFIG_FILE)
+    return
+  recorded = _flatten(json.loads(recorded_file.read_text()))
+  current = _flatten(config_record(config))
+  differ = sorted(k for k in recorded.keys() | current.keys()
+                  if recorded.get(k, "<absent>") != current.get(k, "<absent>")
+                  and k not in RESUMABLE_FIELDS)
+  if differ:
+    details = "; ".join(f"{k}: {recorded.get(k, '<absent>')!r} in the run, "
+                        f"{current.get(k, '<absent>')!r} now" for k in differ)
+    raise ValueError(
+        f"{workdir} holds a run made with another config ({details}). Resume it "
+        "with the config it was made with, choose another --workdir, or pass "
+        "--fresh to delete that run and start again.")
+
+
+def discard_run(workdir: pathlib.Path) -> None:
+  """Deletes what a run keeps in ``workdir`` (checkpoints, records, results, logs)."""
+  for name in ("checkpoints", "best_checkpoint"):
+    shutil.rmtree(workdir / name, ignore_errors=True)
+  for name in (CONFIG_FILE, BEST_FILE, RESULTS_FILE):
+    (workdir / name).unlink(missing_ok=True)
+  for events in workdir.glob("events.out.tfevents.*"):
+    events.unlink()
+
+
+def reconcile_best(workdir: pathlib.Path, best_ckpt: ocp.CheckpointManager) -> _Best:
+  """The best-model record, made to agree with ``best_checkpoint/``.
+
+  The best checkpoint is written before its record ``best.json``, at an
+  evaluation that precedes the periodic checkpoint of the same step. A run
+  killed between the two leaves a best checkpoint without a record, at a step
+  later than any periodic checkpoint: the resumed run evaluates that step again
+  and saves it again, so the orphan is deleted here (orbax refuses to write a
+  step twice). A record whose checkpoint is gone is dropped the same way.
+  """
+  best_file = workdir / BEST_FILE
+  best = _Best(**json.loads(best_file.read_text())) if best_file.exists() else _Best()
+  steps = best_ckpt.all_steps()
+  for step in steps:
+    if step != best.step:
+      logging.warning("best_checkpoint/%d has no record in %s (a run was stopped "
+                      "between the two): deleted, the resumed run evaluates that "
+                      "step again", step, BEST_FILE)
+      best_ckpt.delete(step)
+  if best.step >= 0 and best.step not in steps:
+    logging.warning("%s names step %d, whose best checkpoint is missing: dropped",
+                    BEST_FILE, best.step)
+    best = _Best()
+  return best
+
+
+# ----------------------------------------------------------------------- loop
 def _write_json(path: pathlib.Path, payload: Any) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
@@ -282,9 +373,15 @@ def _selection_value(metrics: dict[str, Any], name: str) -> float:
   return -math.inf if math.isnan(value) else value
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       fresh: bool = False) -> dict[str, Any]:
   """Trains ``config.method``, selects on validation, reports validation and test.
+
+  A workdir that holds a run is resumed, if its ``config.json`` matches
+  ``config`` in every field that changes training (:data:`RESUMABLE_FIELDS`
+  may differ); otherwise this refuses, naming the fields. ``fresh=True`` first
+  deletes the run's checkpoints, records and results, and starts again.
+  Nothing is written before every check has passed.
 
   Returns the final metrics ``{'validation': ..., 'test': ..., 'best_step': ...}``,
   also written to ``<workdir>/results.json``.
@@ -292,10 +389,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   configlib.validate(config)
   method_cls = methods.get_method(config.method)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(
-      str(workdir), just_logging=not is_chief, asynchronous=False)
   par = parallel.DataParallel(config.parallelism)
   if config.batch_size % par.num_devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
@@ -303,6 +396,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if config.eval_batch_size % par.num_devices:
     raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be "
                      f"divisible by the number of devices ({par.num_devices})")
+  is_chief = jax.process_index() == 0
+  if fresh:
+    if is_chief:
+      discard_run(workdir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("comtriplet_jax: fresh workdir")
+  else:
+    check_resumable(config, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_chief:
+    _write_json(workdir / CONFIG_FILE, config_record(config))
+  writer = metric_writers.create_default_writer(
+      str(workdir), just_logging=not is_chief, asynchronous=False)
 
   if jax.process_count() > 1:
     _prepare_dataset_once(config)
@@ -337,12 +444,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   ckpt = _checkpoint_manager(workdir / "checkpoints", config.max_checkpoints_to_keep)
   best_ckpt = _checkpoint_manager(workdir / "best_checkpoint", 1)
-  best = _Best()
+  best = reconcile_best(workdir, best_ckpt)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(state))
-    best_file = workdir / "best.json"
-    if best_file.exists():
-      best = _Best(**json.loads(best_file.read_text()))
     logging.info("resumed from checkpoint at step %d", int(state.step))
   start_step = int(state.step)
 
@@ -359,6 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   def save(state, step: int) -> None:
     ckpt.save(step, args=ocp.args.StandardSave(_to_host(state, par)))
+    faults.point("checkpoint_write")   # while the asynchronous write goes on
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   hooks = [report] if is_chief else []
@@ -374,6 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         batch = par.shard_batch(next(train_iter))
         state, step_metrics = p_train(state, batch, train_rng)
         pending.append(step_metrics)
+        faults.point("step")
       for hook in hooks:
         hook(step)
       is_last = step == num_steps
@@ -408,8 +514,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           best_ckpt.save(step, args=ocp.args.StandardSave(_to_host(state, par)),
                          force=True)
           best_ckpt.wait_until_finished()
+          faults.point("best_recorded")
           if is_chief:
-            _write_json(workdir / "best.json", dataclasses.asdict(best))
+            _write_json(workdir / BEST_FILE, dataclasses.asdict(best))
       if step % ckpt_every == 0 or is_last:
         save(state, step)
   finally:
@@ -439,7 +546,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   writer.flush()
   if is_chief:
     results.update(method.report(final_state, data, par, workdir, p_predict))
-    _write_json(workdir / "results.json", results)
+    faults.point("report")
+    _write_json(workdir / RESULTS_FILE, results)
   logging.info("final (best step %d): validation %s %.4f, test %s %.4f", best.step,
                config.selection_metric, results["validation"].get(config.selection_metric, math.nan),
                config.selection_metric, results["test"].get(config.selection_metric, math.nan))

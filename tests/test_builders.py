@@ -6,6 +6,7 @@ import collections
 import csv
 import io
 import pathlib
+import shutil
 import time
 import zipfile
 
@@ -263,21 +264,35 @@ def test_isic2020_folder(tmp_path, csv_name, image_dir):
           for k, v in examples.items()} == _ISIC2020_EXPECTED
 
 
-def test_prepare_is_idempotent_and_warns_on_another_folder(tmp_path):
+def test_prepared_data_follows_the_source_folder(tmp_path):
   folder = _ham_folder(tmp_path / "ham")
   builder = _prepared("ham10000", tmp_path, folder)
-  # Prepared data is reused: the source images are no longer read.
-  for path in (folder / "images").iterdir():
-    path.unlink()
-  builders.prepare(builder)
-  again = builders.get_builder("ham10000", data_dir=tmp_path / "tfds",
-                               manual_dir=folder)
-  builders.prepare(again)
-  assert again.info.splits["train"].num_examples == len(_HAM_ROWS)
-  other = builders.get_builder("ham10000", data_dir=tmp_path / "tfds",
-                               manual_dir=tmp_path / "elsewhere")
-  with pytest.warns(UserWarning, match="elsewhere"):
-    builders.prepare(other)
+  first = pathlib.Path(builder.data_dir)
+  assert first.is_relative_to(tmp_path / "tfds" / "sources")
+  # The same files, even from another path (copied with their times): reused.
+  copy = tmp_path / "copy"
+  shutil.copytree(folder, copy)
+  for source in (folder, copy):
+    again = builders.get_builder("ham10000", data_dir=tmp_path / "tfds",
+                                 manual_dir=source)
+    assert pathlib.Path(again.data_dir) == first and again.is_prepared()
+  # 1 row fewer in the CSV: another fingerprint, prepared again, never the stale one.
+  csv_file = copy / "HAM10000_metadata.csv"
+  rows = csv_file.read_text().splitlines()
+  csv_file.write_text("\n".join(rows[:-1]) + "\n")
+  changed = builders.get_builder("ham10000", data_dir=tmp_path / "tfds",
+                                 manual_dir=copy)
+  assert pathlib.Path(changed.data_dir) != first and not changed.is_prepared()
+  builders.prepare(changed)
+  assert changed.info.splits["train"].num_examples == len(_HAM_ROWS) - 1
+  # An image replaced (same name, other bytes) changes the fingerprint too.
+  before = builders.source_fingerprint(copy)
+  image = sorted((copy / "images").iterdir())[0]
+  image.write_bytes(image.read_bytes() + b"\0")
+  assert builders.source_fingerprint(copy) != before
+  # The first version is still there for the runs made from it.
+  assert builders.get_builder("ham10000", data_dir=tmp_path / "tfds",
+                              manual_dir=folder).is_prepared()
 
 
 # ------------------------------------------------------------------ errors --

@@ -308,7 +308,8 @@ def test_fine_tune_from_converted_checkpoint(fake_ham, tmp_path, monkeypatch, ca
   # 'imagenet' finds the converted checkpoint where the converter put it.
   loaded = train.load_backbone_variables("imagenet", FINE_TUNE_BACKBONE)
   converted = keras_import.convert(FINE_TUNE_BACKBONE, str(weights_file))
-  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(converted)):
+  assert jax.tree.structure(loaded) == jax.tree.structure(converted)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(converted), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
 
   learning_rate, steps = 1e-5, 2

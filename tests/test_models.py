@@ -276,7 +276,9 @@ def test_axis_name_averages_batch_statistics_across_devices():
   # Float32 rounding only: the last stage normalises over 8 values at 1x1.
   np.testing.assert_allclose(pooled.reshape(2 * n, -1), single_pooled, rtol=1e-3,
                              atol=1e-4)
-  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(single["batch_stats"])):
+  assert jax.tree.structure(stats) == jax.tree.structure(single["batch_stats"])
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(single["batch_stats"]),
+                  strict=True):
     np.testing.assert_allclose(a, np.broadcast_to(b, a.shape), rtol=1e-3, atol=1e-5)
   # Without the axis name each device would normalise with its own batch only.
   local = models.get_backbone("tiny_resnet")

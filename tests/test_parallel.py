@@ -83,7 +83,8 @@ def test_pmap_and_shard_map_agree_on_four_devices(setup):
   s_pmap, l_pmap = _run("pmap", 4, batch, state, True)
   s_shard, l_shard = _run("shard_map", 4, batch, state, True)
   np.testing.assert_allclose(l_pmap, l_shard, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(s_pmap), jax.tree.leaves(s_shard)):
+  assert jax.tree.structure(s_pmap) == jax.tree.structure(s_shard)
+  for a, b in zip(jax.tree.leaves(s_pmap), jax.tree.leaves(s_shard), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -96,8 +97,10 @@ def test_four_devices_equal_one_device_without_dropout(setup):
   four, l_four = _run("pmap", 4, batch, state, False)
   four_sm, _ = _run("shard_map", 4, batch, state, False)
   np.testing.assert_allclose(l_one, l_four, rtol=1e-5)
+  assert (jax.tree.structure(one) == jax.tree.structure(four)
+          == jax.tree.structure(four_sm))
   for a, b, c in zip(jax.tree.leaves(one), jax.tree.leaves(four),
-                     jax.tree.leaves(four_sm)):
+                     jax.tree.leaves(four_sm), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
 

@@ -206,8 +206,9 @@ def test_embeddings_come_from_a_training_checkpoint(fake_ham, tmp_path):
   config.shallow.checkpoint = str(tmp_path / "run")
   variables, source = shallow.backbone_variables(config, model, 32)
   assert "checkpoints/3/default" in source
-  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(
-      {"params": other["params"], "batch_stats": other["batch_stats"]})):
+  expected = {"params": other["params"], "batch_stats": other["batch_stats"]}
+  assert jax.tree.structure(variables) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(a, b)
   config.shallow.checkpoint = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="config.shallow.checkpoint"):

@@ -52,10 +52,17 @@ Usage:
   prepare(builder)                                          # idempotent
   ds = builder.as_dataset(split='train')
 
-A prepared dataset lives in `data_dir/<name>/<config>/<version>` and is reused
-as it is by later `prepare` calls: pass a different `data_dir` (or delete the
-folder) to rebuild from another source folder. `prepare` warns when the manual
-folder differs from the one the dataset was built from.
+A dataset prepared from a manual folder lives in
+`data_dir/sources/<fingerprint>/<name>/<config>/<version>`, where the fingerprint
+(`source_fingerprint`) hashes the folder's file list with every file's size and
+modification time and the contents of its metadata files (CSV, TXT, XLSX). A
+folder that changed in any way (a row removed from the CSV, an image replaced,
+added or deleted) has another fingerprint and is prepared again into its own
+folder, so stale data is never reused; preparing again was chosen over stopping
+with an error because the old version stays usable for the runs made from it
+and a user has nothing to delete or rename. An unchanged folder is reused, from
+any path. Downloads (the `isic2018` and `official` configs) live in
+`data_dir/<name>/<config>/<version>` as TFDS puts them.
 
 Errors name what to fix. A missing or incomplete manual folder raises
 `ManualDataError` (a FileNotFoundError) that lists the absent files, or the
@@ -103,12 +110,12 @@ import os
 import pathlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
-import warnings
 
 from etils import epath
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from comtriplet_jax import faults
 from comtriplet_jax.data import paths
 
 FOLDER = "folder"
@@ -447,6 +454,7 @@ class _SkinLesionBuilder(tfds.core.GeneratorBasedBuilder,
     """
     seen = set()
     for image_id, location, data in images:
+      faults.point("prepare")
       if image_id in seen:
         raise ValueError(f"{location}: a second image file for {image_id}")
       seen.add(image_id)
@@ -966,7 +974,39 @@ def get_builder(name: str, *, data_dir: str | os.PathLike[str] | None = None,
     raise ValueError(
         f"unknown config {config!r} for dataset {name!r}; known configs: "
         f"{', '.join(configs)}")
+  if config == FOLDER and manual_dir is not None:
+    folder = pathlib.Path(manual_dir).expanduser()
+    if folder.is_dir():
+      base = pathlib.Path(data_dir or os.environ.get("TFDS_DATA_DIR")
+                          or "~/tensorflow_datasets").expanduser()
+      data_dir = base / "sources" / source_fingerprint(folder)
   return builder_cls(data_dir=data_dir, config=config, manual_dir=manual_dir)
+
+
+# Files whose contents (not only size and time) enter the fingerprint.
+_METADATA_SUFFIXES = (".csv", ".txt", ".tsv", ".xlsx", ".xls", ".json")
+
+
+def source_fingerprint(folder: str | os.PathLike[str]) -> str:
+  """A hash of a manual folder: every file's path, size and modification time,
+  and the contents of its metadata files (16 hex digits).
+
+  Any change to the folder changes it; reading it costs one ``stat`` per file
+  and reading the metadata files.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(folder)
+  digest = hashlib.sha256()
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      path = pathlib.Path(root) / name
+      stat = path.stat()
+      relative = path.relative_to(folder).as_posix()
+      digest.update(f"{relative}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+      if path.suffix.lower() in _METADATA_SUFFIXES:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+  return digest.hexdigest()[:16]
 
 
 def prepare(builder: tfds.core.DatasetBuilder, *,
@@ -981,14 +1021,9 @@ def prepare(builder: tfds.core.DatasetBuilder, *,
       see the module docstring).
   """
   manual_dir = getattr(builder, "manual_dir", None)
-  if builder.is_prepared():
-    source = (builder.info.metadata or {}).get("source")
-    if (manual_dir is not None and source is not None
-        and os.fspath(pathlib.Path(manual_dir).resolve()) != source):
-      warnings.warn(
-          f"{builder.name}: reusing the dataset in {builder.data_dir}, which "
-          f"was prepared from {source}, not from {manual_dir}; use another "
-          "data_dir (or delete that folder) to rebuild it", stacklevel=2)
+  # A builder from `get_builder` with a manual folder reads and writes a
+  # data_dir named by the folder's fingerprint, so what is prepared there is
+  # always that folder's data (see the module docstring).
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir, try_download_gcs=False,
       register_checksums=register_checksums))
