@@ -8,7 +8,10 @@ Determinism and resumption: every random number comes from ``config.seed`` folde
 with the step and the device index, and the training stream is a pure function of
 ``(config.seed, step)``; a run killed at any moment restarts from its latest orbax
 checkpoint and continues the same stream, so it ends with the same parameters as a
-run that was never interrupted.
+run that was never interrupted. A resume first checks the workdir's
+``config.json`` (:func:`check_resumable`) and reconciles the best-model record
+with its checkpoint (:func:`reconcile_best`); ``faults.point`` marks the moments
+where the crash tests kill a run.
 
 Non-finite losses: the step applies an update only when the loss and every
 gradient are finite (otherwise it keeps the previous state and counts the step

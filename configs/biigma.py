@@ -111,10 +111,16 @@ def get_config(arg=None):
   config.biigma = cfg
 
   if args["runlocal"]:
-    # A few minutes on a 2-core CPU: tiny DenseNet at 64 px (its exits are then
-    # 8x8, 4x4 and R = 2x2 = 4 positions for HSIC), from scratch, a larger
-    # learning rate, ~4 epochs of HAM10000's 7,210 training images, sampling
-    # from 1 epoch in (the paper's 20 of 100 would be 0.8 here).
+    # A few minutes on a 2-core CPU: a small DenseNet at 64 px (its exits are then
+    # 8x8, 4x4 and R = 2x2 = 4 positions for HSIC), from scratch, 1,800 steps of
+    # 32 (~8 epochs of HAM10000's 7,210 training images), sampling from 1 epoch in
+    # (the paper's 20 of 100 would be 0.8 here). Departures from the paper, which
+    # results.json records under biigma.settings.departures: a larger learning
+    # rate with warm-up and cosine decay, and flips, rotations, shifts and zooms
+    # (the paper neither schedules nor augments). On HAM10000's 7 classes this
+    # took test macro F1 0.19 with the earlier recipe (tiny DenseNet, growth 4,
+    # 900 steps, constant rate, no augmentation) and 0.40 with this one (seed 0,
+    # l2 weight 0.01; the README gives the 3-seed figures).
     if "backbone" not in given:
       config.backbone = "tiny_densenet"
     if "size" not in given:
@@ -124,19 +130,27 @@ def get_config(arg=None):
     config.batch_size = 32
     config.eval_batch_size = 128
     config.learning_rate = 1e-3
-    config.num_train_steps = 900
-    config.eval_every_steps = 300
-    config.log_every_steps = 50
+    config.lr_schedule = "cosine"
+    config.warmup_steps = 50
+    config.augment = True
+    config.num_train_steps = 1800
+    config.eval_every_steps = 600
+    config.log_every_steps = 100
     cfg.sampling_start_epoch = 1.0
     cfg.report_images = 6
-    # The l2 norm's pull on each head weight is w / ||W||, which shrinks with the
-    # square root of the number of weights: DenseNet-121's heads have 3 x 1024^2,
-    # the tiny DenseNet's 3 x 11^2, so lambda = 1 there pulls each weight ~100x
-    # harder than in the paper and drives the heads to 0 (on HAM10000: test
-    # macro F1 0.12 after 900 steps, 0.25 with this). sqrt(363 / 3.1e6) = 0.011
-    # keeps the paper's per-weight pull.
     if config.backbone == "tiny_densenet":
-      cfg.l2_weight = 0.01
+      # Wider than the test-sized tiny DenseNet (growth 4, stem 8): R then has
+      # 45 channels.
+      cfg.backbone_overrides.growth_rate = 16
+      cfg.backbone_overrides.stem_filters = 24
+      # The l2 norm's pull on each head weight is w / ||W||, which shrinks with
+      # the square root of the number of weights: DenseNet-121's heads have
+      # 3 x 1024^2, these 3 x 45^2, so lambda = 1 would pull each weight ~23x
+      # harder than in the paper and drive the heads to 0 (with the narrower
+      # tiny DenseNet and lambda = 1: test macro F1 0.12 after 900 steps, 0.25
+      # with the scaled lambda). 45 / 1024 = 0.044 keeps the paper's per-weight
+      # pull.
+      cfg.l2_weight = 0.044
   if args["steps"] > 0:
     config.num_train_steps = args["steps"]
     config.eval_every_steps = max(1, args["steps"] // 3)

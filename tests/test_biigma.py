@@ -48,8 +48,13 @@ biigma_config = _load_config_module()
 
 
 def make_config(**biigma_overrides) -> ml_collections.ConfigDict:
+  """runlocal at test size: the narrow tiny DenseNet, no schedule or augmentation."""
   config = biigma_config.get_config("runlocal")
   config.num_train_steps = 4
+  config.augment = False
+  config.lr_schedule = "constant"
+  config.biigma.backbone_overrides = ml_collections.ConfigDict()
+  config.biigma.l2_weight = 0.01
   config.biigma.update(biigma_overrides)
   return config
 
@@ -460,7 +465,15 @@ def test_config_defaults_and_arguments():
   assert biigma_config.get_config("dataset=isic19").dataset == "isic2019"
   assert biigma_config.get_config("heads=2,sigma=4").biigma.num_heads == 2
   assert biigma_config.get_config("cosine_indep").biigma.indep_measure == "cosine"
-  configlib.validate(biigma_config.get_config("runlocal"))
+  local = biigma_config.get_config("runlocal")
+  configlib.validate(local)
+  # The CPU recipe's departures from the paper are what results.json records.
+  method = biigma_method.BIIGMA(local, num_classes=7, train_class_counts=np.ones(7),
+                                steps_per_epoch=225)
+  assert method.departures() == {"l2_weight": 0.044, "augment": True,
+                                 "lr_schedule": "cosine"}
+  assert dict(local.biigma.backbone_overrides) == {"growth_rate": 16,
+                                                   "stem_filters": 24}
   runs = biigma_config.get_sweep("table2,runlocal,steps=300")
   assert len(runs) == len(set(runs)) == 12
   assert all(r.endswith(",runlocal,steps=300") for r in runs)
@@ -534,7 +547,8 @@ def test_train_and_evaluate_writes_metrics_and_pictures(fake_ham, tmp_path_facto
   assert written["test"]["num_examples"] == results["num_examples"]["test"]
   method_checks.assert_results_match_rescoring(config, tmp_path, written)
   info = written["biigma"]
-  # runlocal departs from the paper in lambda only (scaled to the tiny heads).
+  # runlocal at test size departs from the paper in lambda only (scaled to the
+  # tiny heads).
   assert info["settings"]["departures"] == {"l2_weight": 0.01}
   assert np.asarray(info["head_cosine"]).shape == (3, 3)
   np.testing.assert_allclose(np.diag(info["head_cosine"]), 1.0, atol=1e-4)

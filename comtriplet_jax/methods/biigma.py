@@ -97,6 +97,8 @@ CLASS_WEIGHTINGS = ("dataset", "batch")
 # Fields that size a run rather than define the method (see BIIGMA.departures).
 _SIZING_FIELDS = ("exits", "head_features", "sampling_start_epoch", "report_images",
                   "backbone_overrides")
+# Training fields whose paper values are the same for every run of the paper.
+_PAPER_TRAINING = {"augment": False, "lr_schedule": "constant"}
 
 # Where the HSIC kernel is computed: 'highest' keeps GPUs off TF32 for the Gram
 # matrices, whose cancellation would otherwise swamp small distances.
@@ -264,17 +266,23 @@ class BIIGMA(base.Method):
     return int(round(self.cfg.sampling_start_epoch * self.steps_per_epoch))
 
   def departures(self) -> dict[str, Any]:
-    """The fields of ``config.biigma`` that differ from the paper's setting.
+    """The fields that differ from the paper's setting.
 
-    The paper's sigma is that of the dataset (:func:`paper_sigma`); the fields
-    that only size a run (start epoch, exits, head width, report) are left out,
-    so this names the ablation (e.g. ``{'num_heads': 2}``; ``{}`` for the
-    paper's best configuration).
+    Those of ``config.biigma`` (the paper's sigma is that of the dataset,
+    :func:`paper_sigma`; the fields that only size a run, start epoch, exits,
+    head width, report, backbone width, are left out), and the training fields
+    the paper fixes: no augmentation, a constant learning rate. So this names
+    the ablation (e.g. ``{'num_heads': 2}``; ``{}`` for the paper's best
+    configuration) and what a recipe changed.
     """
     paper = default_config()
     paper.sigma = paper_sigma(self.config.dataset, self.config.task)
-    return {k: v for k, v in self.cfg.items()
-            if k not in _SIZING_FIELDS and k in paper and paper[k] != v}
+    out = {k: v for k, v in self.cfg.items()
+           if k not in _SIZING_FIELDS and k in paper and paper[k] != v}
+    for field, value in _PAPER_TRAINING.items():
+      if self.config.get(field, value) != value:
+        out[field] = self.config.get(field)
+    return out
 
   def settings(self) -> dict[str, Any]:
     """What identifies the run in an ablation table (written to results.json)."""
