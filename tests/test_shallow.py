@@ -175,16 +175,17 @@ def test_run_writes_every_baseline(fake_ham, tmp_path):
     for split in ("validation", "test"):
       metrics = written[name][split]
       assert metrics["num_examples"] == results["settings"]["num_examples"][split]
-      assert 0.0 <= metrics["auc"] <= 1.0
+    # Dark nevi and bright melanomas: the brightness direction dominates the
+    # pooled features, so every baseline ranks the test melanomas first (all
+    # score 0.875-1.0 here; a minority side or prototype order taken the wrong
+    # way round scores 1 - AUC).
+    assert written[name]["test"]["auc"] >= 0.8, name
     assert shallow.PAPER_NAMES[name] in table
   # The clusterings draw their prototypes among the test embeddings.
   for name in ("gmm", "kmeans"):
     assert (tmp_path / "work" / f"embeddings_test_{name}.png").stat().st_size > 1000
     assert written[name]["embedding_plot"].endswith(f"embeddings_test_{name}.png")
   assert not list((tmp_path / "work").glob("embeddings_test_lle.png"))
-  # Dark nevi and bright melanomas: the brightness direction dominates the pooled
-  # features, so the clusterings find the classes.
-  assert written["kmeans"]["test"]["auc"] > 0.6
 
 
 def test_embeddings_come_from_a_training_checkpoint(fake_ham, tmp_path):
