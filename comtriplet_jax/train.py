@@ -542,6 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "num_train_steps": num_steps,
       "class_names": list(data.class_names),
       "num_examples": {k: int(v) for k, v in data.num_examples.items()},
+      "departures": method.departures(),
   }
   for split in ("validation", "test"):
     writer.write_scalars(num_steps, {f"final_{split}/{k}": v for k, v in

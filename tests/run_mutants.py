@@ -126,6 +126,11 @@ MUTANTS = [
     ("data_variable_falls_back", "comtriplet_jax/data/paths.py",
      "  if value:\n", "  if value and not _problem(pathlib.Path(value)):\n",
      ["tests/test_faults.py", "-k", "wrong_folder"]),
+    ("workdir_written_before_the_checks", "comtriplet_jax/train.py",
+     "  workdir = pathlib.Path(workdir)\n  par = parallel.DataParallel(",
+     "  workdir = pathlib.Path(workdir)\n  workdir.mkdir(parents=True)\n"
+     "  par = parallel.DataParallel(",
+     ["tests/test_faults.py", "-k", "before_anything"]),
     ("stale_prepared_data_reused", "comtriplet_jax/data/builders.py",
      'data_dir = base / "sources" / source_fingerprint(folder)',
      'data_dir = base / "sources" / "same"',

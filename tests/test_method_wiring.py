@@ -353,3 +353,12 @@ def test_train_step_skips_and_counts_a_non_finite_update():
   assert par.unreplicate(metrics)["nonfinite"] == 0.0
   assert not np.array_equal(par.unreplicate(applied).params["head"]["kernel"],
                             before.params["head"]["kernel"])
+
+
+def test_departures_name_the_schedule_the_papers_do_not_use():
+  plain = StandInClassifier(classifier_config(), num_classes=2,
+                            train_class_counts=TRAIN_COUNTS)
+  assert plain.departures() == {}
+  local = load_config("classifier", "runlocal")
+  scheduled = StandInClassifier(local, num_classes=2, train_class_counts=TRAIN_COUNTS)
+  assert scheduled.departures() == {"lr_schedule": "cosine", "warmup_steps": 50}

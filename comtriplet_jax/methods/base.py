@@ -72,6 +72,17 @@ class Method:
     """Returns ``scores`` [b] (binary) or [b, C] and ``predictions`` [b]."""
     raise NotImplementedError
 
+  def departures(self) -> dict[str, Any]:
+    """Training fields that differ from what both papers fix (results.json).
+
+    Both papers train with a constant learning rate; the CPU recipes
+    (``runlocal``) schedule it. Methods add their own (BIIGMA-Net).
+    """
+    if self.config.lr_schedule != "constant":
+      return {"lr_schedule": self.config.lr_schedule,
+              "warmup_steps": self.config.warmup_steps}
+    return {}
+
   def init_method_state(self, variables: PyTree) -> PyTree:
     del variables
     return {}
