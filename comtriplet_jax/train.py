@@ -76,6 +76,7 @@ def learning_rate(config: ml_collections.ConfigDict, num_steps: int | None = Non
 
   ``lr_schedule='cosine'``: linear warm-up from 0 over ``warmup_steps``, then a
   cosine decay to 0 at ``num_steps`` (``optax.warmup_cosine_decay_schedule``).
+  A run shorter than the warm-up keeps at least one step of decay.
   """
   if config.lr_schedule == "constant":
     return config.learning_rate
@@ -83,7 +84,7 @@ def learning_rate(config: ml_collections.ConfigDict, num_steps: int | None = Non
     raise ValueError("config.lr_schedule='cosine' needs the number of training steps")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate,
-      warmup_steps=min(config.warmup_steps, num_steps), decay_steps=num_steps,
+      warmup_steps=min(config.warmup_steps, num_steps - 1), decay_steps=num_steps,
       end_value=0.0)
 
 

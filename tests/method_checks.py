@@ -3,11 +3,12 @@
 * :func:`assert_trees_equal`: same tree structure and every leaf bit-identical.
 * :func:`kill_and_resume`: a run killed while it fetches a given training batch,
   then resumed in the same workdir, as a user would after a crash.
-* :func:`rescored_metrics`: a finished run's evaluation done again outside the
-  training loop: the selected checkpoint restored from disk, every example of a
-  split scored one at a time by a plain ``jax.jit`` of ``Method.predict``, and
-  the metrics computed by scikit-learn here, so that a run's ``results.json`` is
-  checked against something other than itself.
+* :func:`assert_results_match_rescoring`: a finished run's evaluation done again
+  outside the training loop: the selected checkpoint restored from disk, every
+  example scored by a plain ``jax.jit`` of ``Method.predict`` on one device
+  (no pmap, no gather, no reordering by the loop), and the metrics computed by
+  scikit-learn here, so that a run's ``results.json`` is checked against
+  something other than itself.
 """
 
 from __future__ import annotations
@@ -105,12 +106,15 @@ def assert_resumed_run_equals_whole_run(whole: pathlib.Path, resumed: pathlib.Pa
     assert results_a[key] == results_b[key], key
 
 
-def score_split(config, workdir: pathlib.Path, split: str, *, state=None):
-  """Labels, scores and predictions of every example of a split, outside the loop.
+def score_splits(config, workdir: pathlib.Path, splits=("validation", "test"), *,
+                 state=None):
+  """Labels, scores and predictions of every example of some splits, outside the loop.
 
   ``state`` defaults to the run's selected checkpoint (``best_checkpoint``).
-  Returns ``(method, data, labels [n], scores [n] or [n, C], predictions [n])``
-  in the split's example order.
+  Every padded evaluation batch goes through one plain ``jax.jit`` of
+  ``Method.predict`` on one device; the padding is dropped and the examples put
+  in order by their index here. Returns ``(method, data, {split: (labels [n],
+  scores [n] or [n, C], predictions [n])})``.
   """
   data = train.load_data(config, num_local_devices=1)
   method = methods.get_method(config.method)(
@@ -120,31 +124,32 @@ def score_split(config, workdir: pathlib.Path, split: str, *, state=None):
     _, state = latest_checkpoint(workdir, "best_checkpoint")
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   predict = jax.jit(method.predict)
-  scores, predictions, indices = [], [], []
-  for batch in data.eval[split].as_numpy_iterator():
-    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
-    mask = batch["mask"].reshape(-1)
-    for image, index in zip(images[mask], batch["index"].reshape(-1)[mask]):
-      out = predict(variables, state["method_state"], image[None])
-      scores.append(np.asarray(out["scores"])[0])
-      predictions.append(int(np.asarray(out["predictions"])[0]))
-      indices.append(int(index))
-  assert sorted(indices) == list(range(data.num_examples[split]))
-  order = np.argsort(indices)
-  labels = data.eval_labels[split]
-  return (method, data, labels, np.asarray(scores)[order],
-          np.asarray(predictions)[order])
+  out = {}
+  for split in splits:
+    scores, predictions, indices = [], [], []
+    for batch in data.eval[split].as_numpy_iterator():
+      images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+      mask = batch["mask"].reshape(-1)
+      scored = predict(variables, state["method_state"], images)
+      scores.append(np.asarray(scored["scores"])[mask])
+      predictions.append(np.asarray(scored["predictions"])[mask])
+      indices.append(batch["index"].reshape(-1)[mask])
+    indices = np.concatenate(indices)
+    assert sorted(indices) == list(range(data.num_examples[split]))
+    order = np.argsort(indices)
+    out[split] = (data.eval_labels[split], np.concatenate(scores)[order],
+                  np.concatenate(predictions)[order])
+  return method, data, out
 
 
-def rescored_metrics(config, workdir: pathlib.Path, split: str) -> dict[str, float]:
-  """scikit-learn's metrics of :func:`score_split` (accuracy, AUC, macro F1)."""
-  _, data, labels, scores, predictions = score_split(config, workdir, split)
+def sklearn_metrics(labels, scores, predictions, num_classes: int) -> dict[str, float]:
+  """scikit-learn's accuracy, macro F1 and (all classes present) ROC AUC."""
   out = {"accuracy": skm.accuracy_score(labels, predictions),
          "f1_macro": skm.f1_score(labels, predictions, average="macro",
-                                  labels=np.arange(data.num_classes), zero_division=0),
+                                  labels=np.arange(num_classes), zero_division=0),
          "num_examples": labels.size}
-  if np.unique(labels).size == data.num_classes:
-    out["auc"] = (skm.roc_auc_score(labels, scores) if data.num_classes == 2 else
+  if np.unique(labels).size == num_classes:
+    out["auc"] = (skm.roc_auc_score(labels, scores) if num_classes == 2 else
                   skm.roc_auc_score(labels, scores / scores.sum(1, keepdims=True),
                                     multi_class="ovr"))
   return out
@@ -152,11 +157,13 @@ def rescored_metrics(config, workdir: pathlib.Path, split: str) -> dict[str, flo
 
 def assert_results_match_rescoring(config, workdir: pathlib.Path,
                                    results: dict | None = None) -> None:
-  """``results`` (default: the run's results.json) equal :func:`rescored_metrics`."""
+  """``results`` (default: the run's results.json) equal scikit-learn's metrics of
+  :func:`score_splits` on validation and test."""
   if results is None:
     import json  # pylint: disable=g-import-not-at-top
     results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
-  for split in ("validation", "test"):
-    expected = rescored_metrics(config, workdir, split)
+  _, data, scored = score_splits(config, workdir)
+  for split, (labels, scores, predictions) in scored.items():
+    expected = sklearn_metrics(labels, scores, predictions, data.num_classes)
     for name, value in expected.items():
       assert results[split][name] == pytest.approx(value, abs=1e-6), (split, name)

@@ -38,7 +38,7 @@ def tiny_classifier(fake_ham, data_dir, **overrides):
   config = configlib.base_config()
   config.update(dict(
       method="classifier", manual_dir=str(fake_ham), tfds_data_dir=str(data_dir),
-      image_size=32, backbone="tiny_resnet", batch_size=8, eval_batch_size=8,
+      image_size=32, backbone="tiny_vgg", batch_size=8, eval_batch_size=8,
       learning_rate=1e-3, num_train_steps=2, log_every_steps=1, eval_every_steps=2,
       checkpoint_every_steps=2))
   config.update(overrides)
@@ -142,7 +142,7 @@ def test_unknown_crash_point_is_named(monkeypatch):
 # ------------------------------------------------------------ kill and resume
 def _command(fake_ham, data_dir, workdir):
   overrides = dict(manual_dir=fake_ham, tfds_data_dir=data_dir, image_size=32,
-                   backbone="tiny_resnet", batch_size=8, eval_batch_size=8,
+                   backbone="tiny_vgg", batch_size=8, eval_batch_size=8,
                    learning_rate=0.001, num_train_steps=6, log_every_steps=1,
                    eval_every_steps=3, checkpoint_every_steps=3)
   return [sys.executable, "-m", "comtriplet_jax.main",

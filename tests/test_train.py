@@ -120,6 +120,9 @@ def test_learning_rate_schedules_by_hand():
     assert float(schedule(step)) == pytest.approx(expected, abs=1e-9), step
   with pytest.raises(ValueError, match="needs the number of training steps"):
     train.learning_rate(config)
+  # Fewer steps than the warm-up (a smoke run): warm up, then one step of decay.
+  short = train.learning_rate(config, 2)
+  assert [float(short(t)) for t in (0, 1, 2)] == pytest.approx([0.0, 1e-3, 0.0])
   config.warmup_steps = -1
   with pytest.raises(ValueError, match="config.warmup_steps"):
     configlib.validate(config)
