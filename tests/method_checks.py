@@ -142,6 +142,18 @@ def score_splits(config, workdir: pathlib.Path, splits=("validation", "test"), *
   return method, data, out
 
 
+def split_features(fn, dataset) -> np.ndarray:
+  """``fn(images)`` of every example of a padded evaluation split, in index order."""
+  features, indices = [], []
+  for batch in dataset.as_numpy_iterator():
+    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+    mask = batch["mask"].reshape(-1)
+    features.append(np.asarray(fn(images))[mask])
+    indices.append(batch["index"].reshape(-1)[mask])
+  order = np.argsort(np.concatenate(indices))
+  return np.concatenate(features).astype(np.float64)[order]
+
+
 def sklearn_metrics(labels, scores, predictions, num_classes: int) -> dict[str, float]:
   """scikit-learn's accuracy, macro F1 and (all classes present) ROC AUC."""
   out = {"accuracy": skm.accuracy_score(labels, predictions),

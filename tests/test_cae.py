@@ -299,14 +299,8 @@ def test_train_and_evaluate_end_to_end(fake_ham, tmp_path):
   for k in range(2):
     np.testing.assert_allclose(prototypes[k], train_codes[nearest == k].mean(0),
                                rtol=1e-4, atol=1e-5)
-  test_codes = []
-  for batch in data.eval["test"].as_numpy_iterator():
-    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
-    mask = batch["mask"].reshape(-1)
-    test_codes.append((np.asarray(encode(variables, images))[mask],
-                       batch["index"].reshape(-1)[mask]))
-  x = np.concatenate([c for c, _ in test_codes]).astype(np.float64)
-  x = x[np.argsort(np.concatenate([i for _, i in test_codes]))]
+  x = method_checks.split_features(lambda images: encode(variables, images),
+                                   data.eval["test"])
   cosine = lambda a, p: 1 - a @ p / (np.linalg.norm(a, axis=1) * np.linalg.norm(p))  # noqa: E731
   scores = cosine(x, prototypes[0]) - cosine(x, prototypes[1])
   assert written["test"]["auc"] == pytest.approx(skm.roc_auc_score(labels, scores),

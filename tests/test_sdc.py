@@ -85,14 +85,8 @@ def test_sdc_trains_evaluates_resumes_and_reports(fake_ham, data_dir, tmp_path):
   labels = scored["test"][0]
   variables = {"params": best["params"], "batch_stats": best["batch_stats"]}
   embed = jax.jit(method.embed)
-  embeddings = []
-  for batch in data.eval["test"].as_numpy_iterator():
-    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
-    mask = batch["mask"].reshape(-1)
-    embeddings.append((np.asarray(embed(variables, images))[mask],
-                       batch["index"].reshape(-1)[mask]))
-  x = np.concatenate([e for e, _ in embeddings]).astype(np.float64)
-  x = x[np.argsort(np.concatenate([i for _, i in embeddings]))]
+  x = method_checks.split_features(lambda images: embed(variables, images),
+                                   data.eval["test"])
   for rule, threshold in thresholds.items():
     selected = written["feature_selection"][rule]
     keep = (difference >= config.sdc.feature_selection_scale * threshold) | (
