@@ -290,15 +290,6 @@ def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """Refuses to resume a run in ``workdir`` that was made under another config.
 
@@ -312,8 +303,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
       logging.warning("%s holds checkpoints but no %s (made by an older version): "
                       "resuming without checking its config", workdir, CONFIG_FILE)
     return
-  recorded = _flatten(json.loads(recorded_file.read_text()))
-  current = _flatten(config_record(config))
+  recorded = flax.traverse_util.flatten_dict(json.loads(recorded_file.read_text()),
+                                             sep=".")
+  current = flax.traverse_util.flatten_dict(config_record(config), sep=".")
   differ = sorted(k for k in recorded.keys() | current.keys()
                   if recorded.get(k, "<absent>") != current.get(k, "<absent>")
                   and k not in RESUMABLE_FIELDS)

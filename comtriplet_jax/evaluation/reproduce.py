@@ -48,6 +48,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from comtriplet_jax.evaluation import imbalance_study
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 VERDICTS = ("holds", "reversed", "inconclusive")
@@ -100,9 +102,10 @@ _SDC = Arm("SDC_COM-Triplet", "sdc")
 _SDC_TRIPLET = Arm("SDC_Triplet", "sdc", "loss=triplet")
 _UDC = Arm("UDC_COM-Triplet", "udc")
 _BIIGMA = Arm("BIIGMA-Net", "biigma")
-# HAM10000 melanoma vs nevus, split_seed 0: 834 training melanomas; the majority
-# is fixed at that count as in evaluation/imbalance_study.py (ratios 1, 15, 60).
-_IMBALANCE = {1: "834:834", 15: "834:56", 60: "834:14"}
+# HAM10000 melanoma vs nevus training counts at ratios 1, 15 and 60, the
+# majority fixed as in the imbalance study: 834:834, 834:56, 834:14.
+_RATIOS = (1, 15, 60)
+_IMBALANCE = dict(zip(_RATIOS, imbalance_study.ham10000_counts(_RATIOS)))
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("C1", "COM-Triplet", "SDC_COM-Triplet has a higher AUC than SDC_Triplet",
