@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -99,7 +100,6 @@ def assert_resumed_run_equals_whole_run(whole: pathlib.Path, resumed: pathlib.Pa
   best_a, best_b = (latest_checkpoint(w, "best_checkpoint") for w in (whole, resumed))
   assert best_a[0] == best_b[0]
   assert_trees_equal(best_a[1], best_b[1])
-  import json  # pylint: disable=g-import-not-at-top
   results_a = json.loads((whole / "results.json").read_text())
   results_b = json.loads((resumed / "results.json").read_text())
   for key in ("best_step", "validation", "test"):
@@ -172,7 +172,6 @@ def assert_results_match_rescoring(config, workdir: pathlib.Path,
   """``results`` (default: the run's results.json) equal scikit-learn's metrics of
   :func:`score_splits` on validation and test."""
   if results is None:
-    import json  # pylint: disable=g-import-not-at-top
     results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
   _, data, scored = score_splits(config, workdir)
   for split, (labels, scores, predictions) in scored.items():
