@@ -74,8 +74,15 @@ def get_config(arg=None):
   ))
 
   if args["runlocal"]:
-    # A few minutes on a 2-core CPU: small ResNet at 64 px, 3M = 48 images/step,
-    # 1,200 steps, cosine learning-rate schedule with warm-up (as SDC's runlocal).
+    # About two minutes on a 2-core CPU: small ResNet at 64 px, 3M = 48
+    # images/step, 600 steps (the loss is about 0 from step 300 on), cosine
+    # learning-rate schedule with warm-up (as SDC's runlocal).
+    # The GMM is fitted to the unit embeddings (a departure, in results.json):
+    # on the raw ones of this from-scratch network the fit settles on a small
+    # component of about 3% of each batch that the loss then confirms, and the
+    # test AUC is chance (0.50, seed 0); on unit vectors it is 0.72 after 600
+    # steps (see README, 'CPU recipes').
+    config.udc.gmm_features = "unit"
     if "backbone=" not in (arg or ""):
       config.backbone = "small_resnet"
     if "size=" not in (arg or ""):
@@ -85,8 +92,8 @@ def get_config(arg=None):
     config.learning_rate = 1e-3
     config.lr_schedule = "cosine"
     config.warmup_steps = 50
-    config.num_train_steps = 1200
-    config.eval_every_steps = 400
+    config.num_train_steps = 600
+    config.eval_every_steps = 200
     config.log_every_steps = 100
   if args["steps"] > 0:
     config.num_train_steps = args["steps"]

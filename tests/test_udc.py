@@ -285,3 +285,13 @@ def test_udc_config():
       "triplet", "0.2", "full")
   assert (config.udc.gmm_tol, config.udc.gmm_reg_covar) == (1e-3, 1e-6)
   udc.UDC(config, num_classes=2, train_class_counts=[3, 1])
+
+
+def test_departures_name_the_gmm_features_the_paper_does_not_use():
+  paper = udc.UDC(load_config("udc"), num_classes=2, train_class_counts=[3, 1])
+  assert paper.departures() == {}
+  local = udc.UDC(load_config("udc", "runlocal"), num_classes=2,
+                  train_class_counts=[3, 1])
+  assert local.cfg.gmm_features == "unit"
+  assert local.departures() == {"lr_schedule": "cosine", "warmup_steps": 50,
+                                "gmm_features": "unit"}

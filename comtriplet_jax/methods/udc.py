@@ -88,6 +88,17 @@ class UDC(sdc.SDC):
       raise ValueError(f"config.{s}.gmm_max_iter={cfg.gmm_max_iter!r} must be a "
                        "positive integer")
 
+  def departures(self):
+    """The training fields that differ from the papers, and the GMM's features.
+
+    The paper fits the mixture to the embeddings as they are; ``'unit'``
+    features (L2-normalised) are this project's option.
+    """
+    out = super().departures()
+    if self.cfg.gmm_features != "raw":
+      out["gmm_features"] = self.cfg.gmm_features
+    return out
+
   # --------------------------------------------------------------------- loss
   def fit_clusters(self, embeddings: jax.Array, step: jax.Array):
     """GMM on the gathered [3M, S] embeddings -> pseudo-labels and the two means.
