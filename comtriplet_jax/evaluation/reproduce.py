@@ -190,14 +190,14 @@ PRESETS: dict[str, Preset] = {
         overrides={c: _SMOKE_STEPS for c in _TRAINED}),
     "cpu": Preset(
         "cpu", "the configs' runlocal recipes, shortened to fit about 100 minutes "
-        "for 3 seeds on a 2-core CPU: the classifier, SDC and UDC train 600 steps "
-        "(their recipes: 1,800, 1,200, 600), BIIGMA-Net 900 (1,800), with the "
+        "for 3 seeds on a 2-core CPU: the classifier, SDC, UDC and BIIGMA-Net "
+        "train 600 steps (their recipes: 1,800, 1,200, 600, 1,800), with the "
         "same schedule shape (warm-up, cosine decay to the shorter end) and "
         "without the embedding plots; the CAE and the shallow baselines as in "
         "their recipes",
         args={c: "runlocal" for c in (*_TRAINED, "shallow")},
         overrides={
-            **{c: _steps(n) for c, n in (("classifier", 600), ("biigma", 900))},
+            **{c: _steps(600) for c in ("classifier", "biigma")},
             **{c: (*_steps(600), (f"{c}.embedding_plot", False))
                for c in ("sdc", "udc")}}),
     "gpu": Preset(
