@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import logging
 import pathlib
 import shutil
 import time
@@ -144,6 +145,7 @@ def test_ph2_bom_bmp_and_whitespace(tmp_path):
               "IMD005": ".bmp"}
   pixels = {name: _write_image(folder / "images" / f"{name}{suffixes[name]}", i)
             for i, name in enumerate(diagnoses)}
+  _write_image(folder / "images" / "IMD999.bmp", 9)  # Not listed: ignored.
   # Hand-made CSV: byte-order mark, padded headers and values, a blank line.
   _write_csv(folder / "PH2_dataset.csv",
              [" Name ", " Clinical Diagnosis", "Asymmetry "],
@@ -163,6 +165,305 @@ def test_ph2_bom_bmp_and_whitespace(tmp_path):
       np.testing.assert_array_equal(decoded[name]["image"], pixels[name])
     else:
       assert stored == (folder / "images" / f"{name}.jpg").read_bytes()
+
+
+# PH2 as its authors publish it (the PH2Dataset archive). Name -> Clinical
+# Diagnosis code (0 common nevus, 1 atypical nevus, 2 melanoma).
+_PH2_DIAGNOSES = {"IMD002": 0, "IMD003": 1, "IMD009": 2, "IMD010": 0}
+_PH2_TXT_HEADER = (
+    "||   Name  | Histological Diagnosis | Clinical Diagnosis | Asymmetry | "
+    "Pigment Network | Dots/Globules | Streaks | Regression Areas | "
+    "Blue-Whitish Veil | Colors ||")
+_PH2_TXT_LEGEND = """
+Legends:
+
+ Clinical Diagnosis:
+    0 - Common Nevus;
+    1 - Atypical Nevus;
+    2 - Melanoma.
+
+ Asymmetry:
+    0 - Fully Symmetric; 1 - Symetric in 1 axe; 2 - Fully Asymmetric.
+"""
+
+
+def _ph2_archive(root: pathlib.Path, diagnoses=None) -> dict[str, np.ndarray]:
+  """The images of the archive: a folder per image; returns their pixels.
+
+  Beside each dermoscopic image lie the lesion mask and the ROI folder, which
+  must not be read, and an image no table lists (IMD999), to be ignored.
+  """
+  pixels = {}
+  for seed, name in enumerate(list(diagnoses or _PH2_DIAGNOSES) + ["IMD999"]):
+    case = root / "PH2 Dataset images" / name
+    pixels[name] = _write_image(
+        case / f"{name}_Dermoscopic_Image" / f"{name}.bmp", seed)
+    _write_image(case / f"{name}_lesion" / f"{name}_lesion.bmp", 50 + seed)
+    _write_image(case / f"{name}_roi" / f"{name}_R1_Label1.bmp", 80 + seed)
+  return pixels
+
+
+def _ph2_txt(path: pathlib.Path, diagnoses=None) -> pathlib.Path:
+  """PH2_dataset.txt as published: |-separated cells, blank lines, legend."""
+  rows = [f"|| {name} | {'Melanoma' if code == 2 else ''} | {code} | 0 | T | "
+          f"A | A | A | A | 3 4 ||"
+          for name, code in (diagnoses or _PH2_DIAGNOSES).items()]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(_PH2_TXT_HEADER + "\n\n" + "\n".join(rows) + "\n\n"
+                  + _PH2_TXT_LEGEND, encoding="utf-8")
+  return path
+
+
+def _xlsx_cell(reference: str, value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, int):
+    return f'<c r="{reference}"><v>{value}</v></c>'
+  if isinstance(value, tuple):  # (index in sharedStrings,)
+    return f'<c r="{reference}" t="s"><v>{value[0]}</v></c>'
+  text = value.replace("&", "&amp;").replace("<", "&lt;")
+  return f'<c r="{reference}" t="inlineStr"><is><t>{text}</t></is></c>'
+
+
+def _write_xlsx(path: pathlib.Path, rows: list[list]) -> pathlib.Path:
+  """A minimal one-sheet .xlsx; a cell is None, an int, a str (inline) or a
+  1-tuple (an index into the shared strings 'X', 'Melanoma')."""
+  main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+  rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+  package = "http://schemas.openxmlformats.org/package/2006/relationships"
+  xml_rows = []
+  for number, cells in enumerate(rows, start=1):
+    xml = "".join(_xlsx_cell(f"{chr(ord('A') + i)}{number}", value)
+                  for i, value in enumerate(cells))
+    xml_rows.append(f'<row r="{number}">{xml}</row>')
+  members = {
+      "[Content_Types].xml": (
+          '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://'
+          'schemas.openxmlformats.org/package/2006/content-types"><Default '
+          'Extension="xml" ContentType="application/xml"/></Types>'),
+      "xl/workbook.xml": (
+          f'<workbook xmlns="{main}" xmlns:r="{rel}"><sheets><sheet '
+          'name="PH2" sheetId="1" r:id="rId1"/></sheets></workbook>'),
+      "xl/_rels/workbook.xml.rels": (
+          f'<Relationships xmlns="{package}"><Relationship Id="rId1" '
+          f'Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/>'
+          "</Relationships>"),
+      "xl/worksheets/sheet1.xml": (
+          f'<worksheet xmlns="{main}"><sheetData>{"".join(xml_rows)}'
+          "</sheetData></worksheet>"),
+      "xl/sharedStrings.xml": (
+          f'<sst xmlns="{main}"><si><t>X</t></si><si><r><t>Mela</t></r>'
+          "<r><t>noma</t></r></si></sst>"),
+  }
+  return _zip(path, {k: v.encode() for k, v in members.items()})
+
+
+def _ph2_xlsx(path: pathlib.Path, diagnoses=None, name_on_group_row=False
+              ) -> pathlib.Path:
+  """PH2_dataset.xlsx as published: title rows, a 'Clinical Diagnosis' group
+  header over one X-marked column per class, the legend below the data.
+
+  `name_on_group_row` puts 'Image Name' on the group header's row (as a cell
+  merged over both header rows keeps it) instead of the class names' row.
+  """
+  name = "Image Name"
+  rows = [["PH2 Database - Dermoscopic images"], [],
+          [name if name_on_group_row else None, None, "Clinical Diagnosis",
+           None, None, "Asymmetry"],
+          [None if name_on_group_row else name, "Histological Diagnosis",
+           "Common Nevus", "Atypical Nevus", (1,), "(0/1/2)"]]
+  for name, code in (diagnoses or _PH2_DIAGNOSES).items():
+    marks = [None, None, None]
+    marks[code] = (0,) if code != 1 else "x"  # shared and inline strings
+    rows.append([name, (1,) if code == 2 else None, *marks, 0])
+  rows += [[], ["Legend:"], ["Asymmetry", None, None, None, None,
+                             "0 - Fully Symmetric"]]
+  return _write_xlsx(path, rows)
+
+
+def _ph2_expected(diagnoses=None) -> dict[str, tuple[str, str]]:
+  names = builders.Ph2.CLASS_NAMES
+  return {name: (names[code], name)
+          for name, code in (diagnoses or _PH2_DIAGNOSES).items()}
+
+
+def test_ph2_published_txt_from_the_folder_above(tmp_path):
+  # The archive unpacked inside the manual folder: found one level down.
+  archive = tmp_path / "manual" / "PH2Dataset"
+  pixels = _ph2_archive(archive)
+  _ph2_txt(archive / "PH2_dataset.txt")
+  builder = _prepared("ph2", tmp_path, tmp_path / "manual")
+  examples = _examples(builder)
+  assert _labels_and_groups(examples) == _ph2_expected()
+  # The dermoscopic image, not the lesion mask or the ROI beside it.
+  for name in _PH2_DIAGNOSES:
+    np.testing.assert_array_equal(
+        np.asarray(PIL.Image.open(io.BytesIO(examples[name]["image"]))),
+        pixels[name])
+
+
+@pytest.mark.parametrize("name_on_group_row", [False, True])
+def test_ph2_published_xlsx(tmp_path, name_on_group_row):
+  folder = tmp_path / "PH2Dataset"
+  _ph2_archive(folder)
+  _ph2_xlsx(folder / "PH2_dataset.xlsx", name_on_group_row=name_on_group_row)
+  builder = _prepared("ph2", tmp_path, folder)
+  assert _labels_and_groups(_examples(builder)) == _ph2_expected()
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)])
+def test_ph2_txt_with_double_bars_and_code_column_xlsx(tmp_path, order):
+  """The txt with || between column groups, its columns found by their
+  header in any order (a ruling line under it); an xlsx with a code column.
+  """
+  folder = tmp_path / "PH2Dataset"
+  _ph2_archive(folder)
+  first = ["  Name", "Histological Diagnosis", "Clinical Diagnosis"]
+  lines = ["|| " + " || ".join(first[i] for i in order)
+           + " || Asymmetry | Pigment Network || Colors ||", "|-----||-----||"]
+  for name, code in _PH2_DIAGNOSES.items():
+    cells = [name, "      ", f"  {code}"]
+    lines.append("|| " + " || ".join(cells[i] for i in order)
+                 + " ||  0 | T ||  3  4 ||")
+  (folder / "PH2_dataset.txt").write_text(
+      "\n".join(lines) + "\n" + _PH2_TXT_LEGEND, encoding="utf-8")
+  _write_xlsx(folder / "PH2_dataset.xlsx", [["PH2"], [
+      "Name", "Clinical Diagnosis"]] + [
+          [name, code] for name, code in _PH2_DIAGNOSES.items()])
+  builder = _prepared("ph2", tmp_path, folder)
+  assert _labels_and_groups(_examples(builder)) == _ph2_expected()
+
+
+@pytest.mark.parametrize("changed, message", [
+    ({"IMD009": 1}, r"IMD009: \S*PH2_dataset.txt, line \d+ says '2' "
+                    r"\(melanoma\); \S*PH2_dataset.xlsx, sheet 'PH2' row \d+ "
+                    r"says \"Atypical Nevus='x'\" \(atypical_nevus\)"),
+    ({"IMD004": 0}, r"IMD004: \S*PH2_dataset.txt does not list it"),
+], ids=["class", "listed_in_one"])
+def test_ph2_txt_and_xlsx_must_agree(tmp_path, changed, message):
+  folder = tmp_path / "PH2Dataset"
+  _ph2_archive(folder)
+  _ph2_txt(folder / "PH2_dataset.txt")
+  _ph2_xlsx(folder / "PH2_dataset.xlsx", {**_PH2_DIAGNOSES, **changed})
+  builder = builders.get_builder("ph2", data_dir=tmp_path / "tfds",
+                                 manual_dir=folder)
+  with pytest.raises(ValueError, match=message):
+    builders.prepare(builder)
+
+
+_PH2_CSV_HEADER = ["Name", "Histological Diagnosis", "Clinical Diagnosis",
+                   "Asymmetry"]
+# The legend rows of the spreadsheet, as a CSV export carries them.
+_PH2_CSV_LEGEND = [["", "", "", ""], ["Legends:", "", "", ""],
+                   ["Clinical Diagnosis", "", "", "0 - Common Nevus"],
+                   ["", "", "", "1 - Atypical Nevus"]]
+
+
+def _ph2_csv_folder(root: pathlib.Path, rows: list[list]) -> pathlib.Path:
+  for seed, name in enumerate(list(_PH2_DIAGNOSES) + ["IMD999"]):
+    _write_image(root / "images" / f"{name}.bmp", seed)
+  _write_csv(root / "PH2_dataset.csv", _PH2_CSV_HEADER, rows)
+  return root
+
+
+def test_ph2_csv_export_skips_the_legend(tmp_path, caplog):
+  rows = [[name, "", str(code), "0"] for name, code in _PH2_DIAGNOSES.items()]
+  folder = _ph2_csv_folder(tmp_path / "ph2", rows + _PH2_CSV_LEGEND)
+  with caplog.at_level(logging.INFO):
+    builder = _prepared("ph2", tmp_path, folder)
+  assert _labels_and_groups(_examples(builder)) == _ph2_expected()
+  # Lines 2-5 hold the data, 6 is blank, the legend is lines 7 to 9.
+  notes = [r.getMessage() for r in caplog.records if "legend" in r.getMessage()]
+  assert len(notes) == 1 and "skipped 3 " in notes[0]
+  assert "from line 7 on" in notes[0], notes
+
+
+@pytest.mark.parametrize("change, message", [
+    # A data row with an image name and no (or a bad) diagnosis.
+    ({1: ["IMD003", "", "", "0"]},
+     r"PH2_dataset.csv, line 3: Clinical Diagnosis of IMD003 must be 0, 1 or "
+     r"2, got ''"),
+    ({3: ["IMD010", "", "3", "0"]},
+     r"PH2_dataset.csv, line 5: Clinical Diagnosis of IMD010 must be 0, 1 or "
+     r"2, got '3'"),
+    # The last data row, just above the legend, is still data.
+    ({3: ["IMD010", "", "", "0"]},
+     r"PH2_dataset.csv, line 5: Clinical Diagnosis of IMD010 must be 0, 1 or "
+     r"2, got ''"),
+    # A diagnosis on a row whose Name is no image name, within the data.
+    ({1: ["IMD 003", "", "1", "0"]},
+     r"PH2_dataset.csv, line 3: Name 'IMD 003' is not an image name"),
+    # A diagnosis below the last image row is not legend.
+    ({5: ["Legends:", "", "2", ""]},
+     r"PH2_dataset.csv, line 7: Clinical Diagnosis '2' on a row whose Name "
+     r"'Legends:' is not an image name"),
+], ids=["no_code", "bad_code", "last_row_no_code", "bad_name",
+        "code_in_legend"])
+def test_ph2_csv_malformed_data_row_names_the_line(tmp_path, change, message):
+  rows = [[name, "", str(code), "0"] for name, code in _PH2_DIAGNOSES.items()]
+  rows += _PH2_CSV_LEGEND
+  for index, row in change.items():
+    rows[index] = row
+  folder = _ph2_csv_folder(tmp_path / "ph2", rows)
+  builder = builders.get_builder("ph2", data_dir=tmp_path / "tfds",
+                                 manual_dir=folder)
+  with pytest.raises(ValueError, match=message):
+    builders.prepare(builder)
+
+
+def test_ph2_txt_damaged_row_names_the_line(tmp_path):
+  folder = tmp_path / "PH2Dataset"
+  _ph2_archive(folder)
+  path = _ph2_txt(folder / "PH2_dataset.txt")
+  lines = path.read_text().splitlines()
+  # The last data row (line 6) loses two cells: not taken for legend.
+  lines[5] = "|| IMD010 | 0 | 0 | T | A | A | A | A ||"
+  path.write_text("\n".join(lines))
+  builder = builders.get_builder("ph2", data_dir=tmp_path / "tfds",
+                                 manual_dir=folder)
+  with pytest.raises(ValueError, match=(
+      r"PH2_dataset.txt, line 6: 8 cells, but the header \(line 1\) has 10, "
+      "and it names image IMD010")):
+    builders.prepare(builder)
+
+
+def test_ph2_missing_image_names_it_and_the_paths_tried(tmp_path):
+  folder = tmp_path / "PH2Dataset"
+  _ph2_archive(folder)
+  _ph2_txt(folder / "PH2_dataset.txt", {**_PH2_DIAGNOSES, "IMD004": 1})
+  builder = builders.get_builder("ph2", data_dir=tmp_path / "tfds",
+                                 manual_dir=folder)
+  with pytest.raises(builders.ManualDataError) as error:
+    builders.prepare(builder)
+  message = str(error.value)
+  tried = folder / "PH2 Dataset images" / "IMD004" / "IMD004_Dermoscopic_Image"
+  assert "no image for IMD004 (listed at " in message
+  assert "PH2_dataset.txt, line 7)" in message
+  assert str(tried / "IMD004.bmp") in message
+  assert str(tried / "IMD004.jpg") in message
+
+
+def test_ph2_folder_must_be_unambiguous(tmp_path):
+  manual = tmp_path / "manual"
+  for copy in ("PH2Dataset", "PH2Dataset_copy"):
+    (manual / copy / "PH2 Dataset images").mkdir(parents=True)
+  builder = builders.get_builder("ph2", data_dir=tmp_path / "tfds",
+                                 manual_dir=manual)
+  with pytest.raises(ValueError, match="2 subfolders with 'PH2 Dataset "
+                     "images'.*PH2Dataset, .*PH2Dataset_copy"):
+    builders.prepare(builder)
+  # Nothing to find: the error lists every place looked at.
+  empty = tmp_path / "empty"
+  (empty / "notes").mkdir(parents=True)
+  builder = builders.get_builder("ph2", data_dir=tmp_path / "tfds",
+                                 manual_dir=empty)
+  with pytest.raises(builders.ManualDataError) as error:
+    builders.prepare(builder)
+  for looked in (empty / "PH2 Dataset images", empty / "images",
+                 empty / "*" / "PH2 Dataset images",
+                 empty / "PH2_dataset.txt", empty / "PH2_dataset.xlsx",
+                 empty / "PH2_dataset.csv"):
+    assert str(looked) in str(error.value)
 
 
 def test_isic2017_official_splits(tmp_path):

@@ -108,9 +108,14 @@ import dataclasses
 import io
 import os
 import pathlib
+import posixpath
+import re
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
+from xml.etree import ElementTree
 
+from absl import logging
 from etils import epath
 import PIL.Image
 import tensorflow_datasets as tfds
@@ -634,15 +639,454 @@ class Ham10000(_SkinLesionBuilder):
         _by_image_id(truth_rows, records))}
 
 
+# ------------------------------------------------------------------- PH2 ----
+
+# An image name of PH2 (IMD002, ..., IMD437).
+_PH2_IMAGE_ID = re.compile(r"IMD\d+")
+# The archive's images folder (one folder per image) and the flat one.
+_PH2_PUBLISHED_IMAGES = "PH2 Dataset images"
+_PH2_FLAT_IMAGES = "images"
+# The tables, in order of preference: the first present gives the labels and
+# every other one present must agree with it.
+_PH2_TABLES = ("PH2_dataset.txt", "PH2_dataset.xlsx", "PH2_dataset.csv")
+_PH2_CODES = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}
+# The spreadsheet's one column per class, in code order (0, 1, 2).
+_PH2_CLASS_COLUMNS = ("Common Nevus", "Atypical Nevus", "Melanoma")
+_PH2_CODE_VALUES = "0, 1 or 2"
+_PH2_X_VALUES = "one X in the columns " + ", ".join(_PH2_CLASS_COLUMNS)
+# Header cells of the image name column, as `_header_key` writes them.
+_PH2_NAME_KEYS = ("name", "image name")
+# Suffixes in the order shown when an image is missing.
+_PH2_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png")
+# A ruling line of the text table (|-----|====|), not a row.
+_PH2_RULE = re.compile(r"[|\-=+:\s]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ph2Row(_CsvRow):
+  """One row under the header of a PH2 table, whatever its format.
+
+  Attributes:
+    name: the image name cell, stripped ('' for a line that is no row).
+    diagnosis: the clinical diagnosis as written, for messages: the code
+      cell, or a description of the spreadsheet's X marks ('' when empty).
+    code: '0', '1' or '2'; None when the diagnosis is empty or malformed.
+    problem: why a line of the text table is not a row of its cells; ''
+      for a row.
+    unit: what `line` counts ('line', or "sheet 'Sheet1' row").
+  """
+  name: str = ""
+  diagnosis: str = ""
+  code: str | None = None
+  problem: str = ""
+  unit: str = "line"
+
+  def where(self) -> str:
+    return f"{self.path}, {self.unit} {self.line}"
+
+
+def _header_key(cell: str) -> str:
+  """A header cell compared without case and runs of whitespace."""
+  return " ".join(cell.split()).casefold()
+
+
+def _ph2_code_row(path: pathlib.Path, line: int, values: Mapping[str, str],
+                  name_column: str, code_column: str, unit: str = "line"
+                  ) -> _Ph2Row:
+  """A row whose clinical diagnosis is a code cell (0, 1 or 2)."""
+  diagnosis = values.get(code_column, "").strip()
+  return _Ph2Row(path=path, line=line, values=values,
+                 name=values.get(name_column, "").strip(), diagnosis=diagnosis,
+                 code=diagnosis if diagnosis in _PH2_CODES else None,
+                 unit=unit)
+
+
+def _ph2_csv_rows(path: pathlib.Path) -> tuple[list[_Ph2Row], str]:
+  """The rows of PH2_dataset.csv (header Name, Clinical Diagnosis, ...)."""
+  rows = _read_csv(path, ("Name", "Clinical Diagnosis"))
+  return [_ph2_code_row(path, row.line, row.values, "Name",
+                        "Clinical Diagnosis") for row in rows
+          ], _PH2_CODE_VALUES
+
+
+def _pipe_cells(line: str) -> list[str]:
+  """The cells of a text-table line; `|` and `||` both separate cells."""
+  cells = [cell.strip() for cell in re.split(r"\|+", line.strip())]
+  if cells and not cells[0]:
+    cells = cells[1:]
+  if cells and not cells[-1]:
+    cells = cells[:-1]
+  return cells
+
+
+def _ph2_text_rows(path: pathlib.Path) -> tuple[list[_Ph2Row], str]:
+  """The rows of the published PH2_dataset.txt, a table of |-separated cells.
+
+  The header is the first line that starts with `|`; its cells `Name` (or
+  `Image Name`) and `Clinical Diagnosis` locate those columns. Blank lines,
+  ruling lines and text lines before the header are skipped. Every later
+  non-blank line becomes a row: a line of as many cells as the header is
+  read by column; any other line (the legend's text, a damaged row) keeps a
+  `problem`, which `_ph2_labels` reports if the line is among the data rows.
+  The file is read as UTF-8; a byte that does not decode (the legend's text
+  may be in another encoding) becomes U+FFFD, which no image name or code
+  contains.
+
+  Raises:
+    ValueError: naming the file and line, when no header is found, or the
+      header lacks or repeats a needed column.
+  """
+  text = path.read_bytes().decode("utf-8-sig", errors="replace")
+  header: list[str] | None = None
+  header_line = 0
+  rows: list[_Ph2Row] = []
+  for number, line in enumerate(text.splitlines(), start=1):
+    stripped = line.strip()
+    if not stripped or (header is not None
+                        and _PH2_RULE.fullmatch(stripped)):
+      continue
+    is_table = stripped.startswith("|")
+    if header is None:
+      if not is_table or _PH2_RULE.fullmatch(stripped):
+        continue
+      header, header_line = _pipe_cells(stripped), number
+      keys = [_header_key(cell) for cell in header]
+      for column, accepted in (("Name", _PH2_NAME_KEYS),
+                               ("Clinical Diagnosis", ("clinical diagnosis",))):
+        found = sum(key in accepted for key in keys)
+        if found != 1:
+          raise ValueError(
+              f"{path}, line {number}: the table's first row (its header) "
+              f"should have one cell {column!r}, has {found}; its cells are "
+              f"{header}")
+      # Keyed by the canonical names, so rows read like the CSV's.
+      header = ["Name" if key in _PH2_NAME_KEYS else
+                "Clinical Diagnosis" if key == "clinical diagnosis" else cell
+                for key, cell in zip(keys, header)]
+      continue
+    cells = _pipe_cells(stripped)
+    if is_table and len(cells) == len(header):
+      rows.append(_ph2_code_row(path, number, dict(zip(header, cells)),
+                                "Name", "Clinical Diagnosis"))
+      continue
+    problem = (f"{len(cells)} cells, but the header (line {header_line}) has "
+               f"{len(header)}" if is_table
+               else "not a table row (it does not start with |)")
+    rows.append(_Ph2Row(path=path, line=number, values={"line": stripped},
+                        problem=problem))
+  if header is None:
+    raise ValueError(
+        f"{path}: no table header: looked for a line of |-separated cells "
+        "with the cells 'Name' and 'Clinical Diagnosis'")
+  return rows, _PH2_CODE_VALUES
+
+
+def _xlsx_text(element: ElementTree.Element) -> str:
+  """The text of a shared or inline string (`si`, `is`): runs, no phonetics."""
+  parts = []
+  for child in element:
+    tag = child.tag.rsplit("}", 1)[-1]
+    if tag == "t":
+      parts.append(child.text or "")
+    elif tag == "r":
+      parts.extend(t.text or "" for t in child.iterfind("{*}t"))
+  return "".join(parts)
+
+
+def _xlsx_column(reference: str) -> int:
+  """The 1-based column of a cell reference such as 'C14'."""
+  letters = re.match(r"[A-Za-z]*", reference).group(0).upper()
+  column = 0
+  for letter in letters:
+    column = column * 26 + ord(letter) - ord("A") + 1
+  return column
+
+
+def _xlsx_sheets(path: pathlib.Path
+                 ) -> list[tuple[str, dict[int, dict[int, str]]]]:
+  """Every worksheet of an .xlsx, in workbook order, read with the stdlib.
+
+  Returns:
+    (sheet name, {row number: {column number: cell text}}), 1-based as
+    Excel numbers them. Numbers with an integral value are written without
+    a decimal part (2, not 2.0); formulas give their cached value.
+
+  Raises:
+    ValueError: naming the file (and the part inside it), when it is not a
+      zip of the spreadsheet XML parts.
+  """
+  try:
+    archive = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError) as e:
+    raise ValueError(f"{path}: cannot read it as an .xlsx (a zip of XML "
+                     f"parts): {e}") from e
+  with archive:
+    members = set(archive.namelist())
+
+    def part(member: str) -> ElementTree.Element:
+      if member not in members:
+        raise ValueError(f"{path}: not an .xlsx workbook: it has no part "
+                         f"{member}")
+      try:
+        return ElementTree.fromstring(archive.read(member))
+      except ElementTree.ParseError as e:
+        raise ValueError(f"{path}: part {member} is not valid XML: {e}"
+                         ) from e
+
+    shared = ([_xlsx_text(si) for si in
+               part("xl/sharedStrings.xml").iterfind("{*}si")]
+              if "xl/sharedStrings.xml" in members else [])
+    targets = {rel.get("Id"): rel.get("Target", "") for rel in
+               part("xl/_rels/workbook.xml.rels").iterfind("{*}Relationship")}
+    sheets = []
+    for sheet in part("xl/workbook.xml").iterfind("{*}sheets/{*}sheet"):
+      # The relationship id's namespace differs in strict OOXML.
+      rel_id = next((value for key, value in sheet.attrib.items()
+                     if key.endswith("}id")), None)
+      target = targets.get(rel_id)
+      if not target:
+        raise ValueError(f"{path}: sheet {sheet.get('name')!r} has no target "
+                         f"in xl/_rels/workbook.xml.rels (id {rel_id!r})")
+      member = (target.lstrip("/") if target.startswith("/")
+                else posixpath.normpath(posixpath.join("xl", target)))
+      grid: dict[int, dict[int, str]] = {}
+      row_number = 0
+      for row in part(member).iterfind("{*}sheetData/{*}row"):
+        row_number = int(row.get("r", row_number + 1))
+        cells: dict[int, str] = {}
+        column = 0
+        for cell in row.iterfind("{*}c"):
+          reference = cell.get("r")
+          column = _xlsx_column(reference) if reference else column + 1
+          kind = cell.get("t", "n")
+          value = cell.find("{*}v")
+          raw = (value.text or "") if value is not None else ""
+          if kind == "s":
+            try:
+              text = shared[int(raw)]
+            except (ValueError, IndexError) as e:
+              raise ValueError(
+                  f"{path}: {member} cell {reference or column} refers to "
+                  f"shared string {raw!r}, which xl/sharedStrings.xml does "
+                  "not have") from e
+          elif kind == "inlineStr":
+            inline = cell.find("{*}is")
+            text = _xlsx_text(inline) if inline is not None else ""
+          elif kind == "n" and raw:
+            try:
+              number = float(raw)
+            except ValueError:
+              text = raw
+            else:
+              text = (str(int(number)) if number.is_integer() else raw)
+          else:
+            text = raw
+          cells[column] = text
+        grid[row_number] = cells
+      sheets.append((sheet.get("name", member), grid))
+  if not sheets:
+    raise ValueError(f"{path}: xl/workbook.xml lists no sheet")
+  return sheets
+
+
+def _ph2_sheet_header(path: pathlib.Path, sheet: str,
+                      grid: Mapping[int, Mapping[int, str]], number: int
+                      ) -> tuple[int, int | None, tuple[int, ...]] | None:
+  """(name column, code column, class columns) if row `number` is a header.
+
+  A header has an `Image Name` (or `Name`) cell and either a `Clinical
+  Diagnosis` code column or the three class columns marked with X. In the
+  published spreadsheet `Clinical Diagnosis` is a group header on the row
+  above the class columns; class columns are then taken from under it, and
+  the name may stand on either row. The group header row itself is no
+  header.
+  """
+  def keys(row: int) -> dict[int, str]:
+    return {column: _header_key(text)
+            for column, text in grid.get(row, {}).items() if text.strip()}
+
+  here, above = keys(number), keys(number - 1)
+  names = [c for c, k in here.items() if k in _PH2_NAME_KEYS]
+  classes = {_header_key(name): [c for c, k in here.items()
+                                 if k == _header_key(name)]
+             for name in _PH2_CLASS_COLUMNS}
+  if all(classes.values()):
+    group = [c for c, k in above.items() if k == "clinical diagnosis"]
+    if len(group) == 1:
+      end = min((c for c in above if c > group[0]), default=None)
+      classes = {k: [c for c in columns
+                     if c >= group[0] and (end is None or c < end)]
+                 for k, columns in classes.items()}
+    if any(len(columns) != 1 for columns in classes.values()):
+      raise ValueError(
+          f"{path}, sheet {sheet!r} row {number}: expected one column each "
+          f"for {', '.join(_PH2_CLASS_COLUMNS)}"
+          + (" under the 'Clinical Diagnosis' group header" if group else "")
+          + f", found columns {classes}")
+    if not names:
+      names = [c for c, k in above.items() if k in _PH2_NAME_KEYS]
+    if len(names) != 1:
+      raise ValueError(
+          f"{path}, sheet {sheet!r} row {number}: the header with the "
+          "class columns needs one 'Image Name' (or 'Name') cell on it or "
+          f"on the row above, found {len(names)}")
+    return names[0], None, tuple(columns[0] for columns in classes.values())
+  codes = [c for c, k in here.items() if k == "clinical diagnosis"]
+  below = set(keys(number + 1).values())
+  if (codes and names
+      and not all(_header_key(n) in below for n in _PH2_CLASS_COLUMNS)):
+    if len(codes) != 1 or len(names) != 1:
+      raise ValueError(
+          f"{path}, sheet {sheet!r} row {number}: the header needs one "
+          "'Image Name' (or 'Name') and one 'Clinical Diagnosis' cell, has "
+          f"{len(names)} and {len(codes)}")
+    return names[0], codes[0], ()
+  return None
+
+
+def _ph2_sheet_rows(path: pathlib.Path) -> tuple[list[_Ph2Row], str]:
+  """The rows under the header of the published PH2_dataset.xlsx.
+
+  The header row is the first row found by its cells (title rows come
+  first; see `_ph2_sheet_header`), on the one sheet that has such a row.
+  Empty rows are skipped.
+
+  Raises:
+    ValueError: naming the file, when no sheet or several sheets have a
+      header, listing what was looked for.
+  """
+  sheets = _xlsx_sheets(path)
+  headers = []
+  for sheet, grid in sheets:
+    # The first header row of a sheet; the legend below may repeat names.
+    for number in sorted(grid):
+      columns = _ph2_sheet_header(path, sheet, grid, number)
+      if columns is not None:
+        headers.append((sheet, grid, number, columns))
+        break
+  if len(headers) != 1:
+    found = "".join(f", sheet {sheet!r} row {number}"
+                    for sheet, _, number, _ in headers)
+    raise ValueError(
+        f"{path}: found {len(headers)} header rows{found}"
+        f" in sheets {[sheet for sheet, _ in sheets]}; expected one row with "
+        "an 'Image Name' (or 'Name') cell and either a 'Clinical Diagnosis' "
+        "cell or the cells " + ", ".join(map(repr, _PH2_CLASS_COLUMNS))
+        + " (under a 'Clinical Diagnosis' group header)")
+  sheet, grid, header_row, (name_column, code_column, class_columns) = (
+      headers[0])
+  unit = f"sheet {sheet!r} row"
+  rows = []
+  for number in sorted(n for n in grid if n > header_row):
+    cells = grid[number]
+    if not any(text.strip() for text in cells.values()):
+      continue
+    values = {"Name": cells.get(name_column, "")}
+    if code_column is not None:
+      values["Clinical Diagnosis"] = cells.get(code_column, "")
+      rows.append(_ph2_code_row(path, number, values, "Name",
+                                "Clinical Diagnosis", unit))
+      continue
+    marks = {name: cells.get(column, "").strip()
+             for name, column in zip(_PH2_CLASS_COLUMNS, class_columns)}
+    values.update(marks)
+    marked = [name for name, mark in marks.items() if mark]
+    code = None
+    if (len(marked) == 1
+        and marks[marked[0]].casefold() == "x"):
+      code = str(_PH2_CLASS_COLUMNS.index(marked[0]))
+    rows.append(_Ph2Row(
+        path=path, line=number, values=values,
+        name=values["Name"].strip(),
+        diagnosis=", ".join(f"{name}={marks[name]!r}" for name in marked),
+        code=code, unit=unit))
+  return rows, (_PH2_X_VALUES if code_column is None else _PH2_CODE_VALUES)
+
+
+def _ph2_labels(path: pathlib.Path, rows: Sequence[_Ph2Row], expected: str
+                ) -> dict[str, _Ph2Row]:
+  """The data rows of one PH2 table, keyed by image name; the legend skipped.
+
+  The data rows run to the last row whose Name is an image name (IMD and
+  digits); each must have one and a valid diagnosis. The rows after it are
+  the legend of the published tables: skipped, with one log note, if none
+  has a diagnosis or (a line that is no table row) names an image.
+
+  Args:
+    path: the table, for messages.
+    rows: its rows under the header, in file order.
+    expected: how a diagnosis is written, for messages ('0, 1 or 2').
+
+  Raises:
+    ValueError: naming the file, the line and the value, for a data row
+      without an image name or a valid diagnosis, an image listed twice, a
+      diagnosis in the legend, or a table with no image rows.
+  """
+  data_end = max((i for i, row in enumerate(rows)
+                  if _PH2_IMAGE_ID.fullmatch(row.name)), default=-1)
+  if data_end < 0:
+    raise ValueError(
+        f"{path}: no image rows: no Name cell of its {len(rows)} rows under "
+        "the header is an image name (IMD and digits, e.g. IMD002)")
+  last = rows[data_end]
+  for row in rows[:data_end + 1]:
+    if row.problem:
+      raise ValueError(f"{row.where()}: {row.problem}, before the last image "
+                       f"row ({last.unit} {last.line})")
+    if not _PH2_IMAGE_ID.fullmatch(row.name):
+      raise ValueError(
+          f"{row.where()}: Name {row.name!r} is not an image name (IMD and "
+          f"digits), before the last image row ({last.unit} {last.line}); "
+          f"its Clinical Diagnosis is {row.diagnosis!r}")
+    if row.code is None:
+      raise ValueError(
+          f"{row.where()}: Clinical Diagnosis of {row.name} must be "
+          f"{expected}, got {row.diagnosis!r}")
+  legend = rows[data_end + 1:]
+  for row in legend:
+    if row.diagnosis:
+      raise ValueError(
+          f"{row.where()}: Clinical Diagnosis {row.diagnosis!r} on a row "
+          f"whose Name {row.name!r} is not an image name (IMD and digits), "
+          f"after the last image row ({last.unit} {last.line})")
+    mentioned = row.problem and _PH2_IMAGE_ID.search(row.get("line"))
+    if mentioned:
+      raise ValueError(f"{row.where()}: {row.problem}, and it names image "
+                       f"{mentioned.group(0)}, after the last image row "
+                       f"({last.unit} {last.line})")
+  if legend:
+    logging.info(
+        "%s: skipped %d non-empty %s(s) after the last image row, from %s %d "
+        "on (the legend)", path, len(legend), legend[0].unit.split()[-1],
+        legend[0].unit, legend[0].line)
+  data = rows[:data_end + 1]
+  # Only for its check that no image is listed twice.
+  _by_image_id(data, [_Record(image_id=row.name, label=_PH2_CODES[row.code],
+                              group_id=row.name) for row in data])
+  return {row.name: row for row in data}
+
+
+def _ph2_label_text(row: _Ph2Row | None, path: pathlib.Path) -> str:
+  if row is None:
+    return f"{path} does not list it"
+  return (f"{row.where()} says {row.diagnosis!r} "
+          f"({_PH2_CODES[row.code]})")
+
+
 class Ph2(_SkinLesionBuilder):
-  """PH2: 200 dermoscopic images of melanocytic lesions, 3 classes."""
+  """PH2: 200 dermoscopic images of melanocytic lesions, 3 classes.
+
+  Reads the PH2Dataset archive as its authors distribute it, or a flat
+  folder of images with a CSV. See MANUAL_DOWNLOAD_INSTRUCTIONS.
+  """
 
   name = "ph2"
   CLASS_NAMES = ("common_nevus", "atypical_nevus", "melanoma")
   DIAGNOSES = {"common_nevus": "nevus", "atypical_nevus": "atypical_nevus",
                "melanoma": "melanoma"}
   BUILDER_CONFIGS = [
-      _folder_config("PH2_dataset.csv + images/ in a manual folder.")]
+      _folder_config("The PH2Dataset archive, or PH2_dataset.csv + images/, "
+                     "in a manual folder.")]
   HOMEPAGE = "https://www.fc.up.pt/addi/ph2%20database.html"
   DESCRIPTION = (
       "PH2: 200 dermoscopic images (80 common nevi, 80 atypical nevi, 40 "
@@ -656,33 +1100,116 @@ class Ph2(_SkinLesionBuilder):
   booktitle={35th Annual International Conference of the IEEE EMBS},
   pages={5437--5440}, year={2013}}"""
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-  Download PH2Dataset from https://www.fc.up.pt/addi/ph2%20database.html and
-  put in <manual_dir>:
-    <manual_dir>/images/IMD002.bmp, ... (each IMDxxx_Dermoscopic_Image/
-    IMDxxx.bmp of the archive, .bmp or .jpg)
-    <manual_dir>/PH2_dataset.csv with columns Name (IMDxxx), Clinical
-    Diagnosis (0 common nevus, 1 atypical nevus, 2 melanoma) and Asymmetry
-    (the archive's PH2_dataset.xlsx saved as CSV)."""
+  Download PH2Dataset from https://www.fc.up.pt/addi/ph2%20database.html
+  and unpack it, either as <manual_dir> itself or into <manual_dir> (as its
+  only folder with a "PH2 Dataset images" folder, e.g.
+  <manual_dir>/PH2Dataset/). The unpacked folder holds, as published:
+    PH2 Dataset images/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp, ... (a
+      folder per image; the IMDxxx_lesion/ and IMDxxx_roi/ folders beside
+      IMDxxx_Dermoscopic_Image/ are not read)
+    PH2_dataset.txt and PH2_dataset.xlsx, the tables of diagnoses
+      (Clinical Diagnosis 0 common nevus, 1 atypical nevus, 2 melanoma; in
+      the .xlsx one column per class, marked X). One of them is enough. The
+      labels come from the .txt when it is there; any other table present
+      (.xlsx, .csv) must agree with it on every image.
+  Or a flat folder of your own:
+    <manual_dir>/images/IMD002.bmp, ... (the IMDxxx.bmp of each
+      IMDxxx_Dermoscopic_Image/ folder, .bmp or .jpg)
+    <manual_dir>/PH2_dataset.csv with a header row with the columns Name
+      (IMDxxx) and Clinical Diagnosis (0, 1 or 2), e.g. the archive's
+      PH2_dataset.xlsx saved as CSV without its title rows (the legend rows
+      after the data may stay).
+  Images that no table lists are ignored."""
 
-  _CSV = "PH2_dataset.csv"
-  _CODES = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}
+  def _locate(self, folder: pathlib.Path) -> tuple[pathlib.Path, str]:
+    """The folder with the images and tables, and its images folder's name.
+
+    `folder` itself when it has `PH2 Dataset images/` or `images/`; else
+    its one subfolder that has `PH2 Dataset images/` (the archive unpacked
+    inside it).
+
+    Raises:
+      ValueError: both image folders, or several such subfolders, exist.
+      ManualDataError: none is found; it lists the places looked at.
+    """
+    def layouts(directory: pathlib.Path) -> list[str]:
+      return [name for name in (_PH2_PUBLISHED_IMAGES, _PH2_FLAT_IMAGES)
+              if (directory / name).is_dir()]
+
+    here = layouts(folder)
+    if len(here) > 1:
+      raise ValueError(
+          f"{self.name}: {folder} has both {folder / _PH2_PUBLISHED_IMAGES} "
+          f"(the archive's layout) and {folder / _PH2_FLAT_IMAGES} (a flat "
+          "folder); keep one")
+    if here:
+      return folder, here[0]
+    below = sorted(path.parent for path in folder.glob(
+        f"*/{_PH2_PUBLISHED_IMAGES}") if path.is_dir())
+    if len(below) > 1:
+      raise ValueError(
+          f"{self.name}: {folder} has no images folder of its own and "
+          f"{len(below)} subfolders with {_PH2_PUBLISHED_IMAGES!r}: "
+          f"{', '.join(map(str, below))}; point the manual folder at one")
+    if below:
+      return below[0], _PH2_PUBLISHED_IMAGES
+    problems = [
+        "no images folder; looked for "
+        f"{folder / _PH2_PUBLISHED_IMAGES}, {folder / _PH2_FLAT_IMAGES} and "
+        f"{folder / '*' / _PH2_PUBLISHED_IMAGES}"]
+    if not any((folder / name).is_file() for name in _PH2_TABLES):
+      problems.append("no table; looked for " + ", ".join(
+          str(folder / name) for name in _PH2_TABLES))
+    raise self._incomplete(folder, problems)
 
   def _folder_splits(self, folder: pathlib.Path) -> dict[str, Iterator]:
-    self._check_folder(folder, [self._CSV], ["images"])
-    csv_path = folder / self._CSV
-    rows = _read_csv(csv_path, ("Name", "Clinical Diagnosis"))
-    records = []
-    for row in rows:
-      code = row["Clinical Diagnosis"]
-      if code not in self._CODES:
+    root, images_dir = self._locate(folder)
+    tables = [root / name for name in _PH2_TABLES if (root / name).is_file()]
+    if not tables:
+      raise self._incomplete(root, ["no table; looked for " + ", ".join(
+          str(root / name) for name in _PH2_TABLES)])
+    readers = {".txt": _ph2_text_rows, ".xlsx": _ph2_sheet_rows,
+               ".csv": _ph2_csv_rows}
+    labels = [_ph2_labels(path, *readers[path.suffix](path))
+              for path in tables]
+    first = labels[0]
+    for path, other in zip(tables[1:], labels[1:]):
+      disagree = [name for name in sorted(first.keys() | other.keys())
+                  if name not in first or name not in other
+                  or first[name].code != other[name].code]
+      if disagree:
+        details = "".join(
+            f"  - {name}: {_ph2_label_text(first.get(name), tables[0])}; "
+            f"{_ph2_label_text(other.get(name), path)}\n"
+            for name in disagree[:_SHOW_MISSING])
         raise ValueError(
-            f"{row.where()}: Clinical Diagnosis must be 0, 1 or 2, got "
-            f"{code!r}")
-      records.append(_Record(image_id=row["Name"], label=self._CODES[code],
-                             group_id=row["Name"]))
-    return {"train": self._folder_examples(
-        folder, _by_image_id(rows, records), ["images"], csv_path,
-        suffix=".bmp")}
+            f"{self.name}: {tables[0].name} and {path.name} in {root} "
+            f"disagree on {len(disagree)} image(s):\n{details}"
+            f"Fix or remove one of the two (the labels come from "
+            f"{tables[0].name}).")
+    records = {name: _Record(image_id=name, label=_PH2_CODES[row.code],
+                             group_id=name)
+               for name, row in first.items()}
+    if images_dir == _PH2_PUBLISHED_IMAGES:
+      subdirs = {name: f"{images_dir}/{name}/{name}_Dermoscopic_Image"
+                 for name in records}
+    else:
+      subdirs = {name: images_dir for name in records}
+    index = _index_images(root, sorted(set(subdirs.values())))
+    missing = [name for name in records if name not in index]
+    if missing:
+      problems = [
+          f"no image for {name} (listed at {first[name].where()}); tried "
+          + ", ".join(str(root / subdirs[name] / f"{name}{suffix}")
+                      for suffix in _PH2_SUFFIXES)
+          for name in missing[:_SHOW_MISSING]]
+      if len(missing) > _SHOW_MISSING:
+        problems.append(f"and {len(missing) - _SHOW_MISSING} more listed "
+                        "image(s) without a file")
+      raise self._incomplete(root, problems)
+    images = ((name, str(index[name]), index[name].read_bytes())
+              for name in records)
+    return {"train": self._generate_examples(records, images, str(root))}
 
 
 class Isic2017(_SkinLesionBuilder):
