@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'image': each image its own group, which leaks lesions across splits; only
   # for measuring that leakage (the study's claim L1), never for results.
   c.split_by = "lesion"
+  # A run's splits.csv: its split column replaces the seeded split (scheme,
+  # seed and split_by unused), to train or evaluate on exactly those examples.
+  c.split_file = ""
   c.val_fraction = 0.1      # 80/20 scheme only: share of the train part for validation
   c.train_class_counts = ""  # e.g. "4500:75" majority:minority (imbalance study)
   c.image_size = 256
@@ -146,7 +149,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = -1  # -1: at every evaluation
   c.max_checkpoints_to_keep = 3
   c.selection_metric = "auc"  # validation metric for model selection (higher is better)
+  # Binary tasks: the operating point that predict and evaluate use, chosen on
+  # validation at the end of the run: 'paper' (argmax / nearest prototype),
+  # 'youden', or 'sensitivity=0.90' (any target in (0, 1]).
+  c.operating_point = "paper"
+  c.heatmap_images = 8      # test images in the run's Grad-CAM grid (0: none)
   return c
+
+
+def check_operating_point(rule: str, where: str = "config.operating_point") -> None:
+  """Rejects a rule that is not 'paper', 'youden' or 'sensitivity=X', X in (0, 1]."""
+  if rule in ("paper", "youden"):
+    return
+  name, sep, value = str(rule).partition("=")
+  try:
+    target = float(value)
+  except ValueError:
+    target = None
+  if name != "sensitivity" or not sep or target is None or not 0.0 < target <= 1.0:
+    raise ValueError(f"{where}={rule!r} is not allowed; choose paper, youden or "
+                     "sensitivity=X with X in (0, 1], e.g. sensitivity=0.90")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -176,6 +198,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("parallelism", PARALLELISMS)
   one_of("dtype", DTYPES)
   one_of("lr_schedule", LR_SCHEDULES)
+  check_operating_point(config.get("operating_point", "paper"))
+  heatmaps = config.get("heatmap_images", 0)
+  if not isinstance(heatmaps, int) or heatmaps < 0:
+    raise ValueError(f"config.heatmap_images={heatmaps!r} must be an integer >= 0")
   if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
     raise ValueError(f"config.warmup_steps={config.warmup_steps!r} must be an integer "
                      ">= 0")

@@ -46,8 +46,11 @@ import orbax.checkpoint as ocp
 from comtriplet_jax import configlib
 from comtriplet_jax import faults
 from comtriplet_jax import parallel
+from comtriplet_jax import runs
 from comtriplet_jax.data import pipeline
+from comtriplet_jax.data import split_file
 from comtriplet_jax.evaluation import metrics as metrics_lib
+from comtriplet_jax.evaluation import run_pictures
 from comtriplet_jax import methods
 from comtriplet_jax.methods import base
 
@@ -144,6 +147,14 @@ def make_predict_step(method: base.Method) -> Callable:
 def evaluate(p_predict: Callable, state: TrainState, dataset, labels: np.ndarray,
              par: parallel.DataParallel, num_classes: int) -> dict[str, Any]:
   """Scores every example of a split exactly once and computes its metrics."""
+  scores, predictions = score_split(p_predict, state, dataset, labels.size, par)
+  return metrics_lib.classification_metrics(labels, predictions, scores,
+                                            num_classes=num_classes)
+
+
+def score_split(p_predict: Callable, state: TrainState, dataset, num_examples: int,
+                par: parallel.DataParallel) -> tuple[np.ndarray, np.ndarray]:
+  """Every example's score and prediction, in index order (all processes)."""
   scores, predictions, indices, masks = [], [], [], []
   for batch in dataset.as_numpy_iterator():
     out = par.local_outputs(p_predict(state, par.shard_batch({"image": batch["image"]})))
@@ -164,12 +175,11 @@ def evaluate(p_predict: Callable, state: TrainState, dataset, labels: np.ndarray
         for a in (scores, predictions, indices, mask))
   scores, predictions, indices = scores[mask], predictions[mask], indices[mask]
   order = np.argsort(indices, kind="stable")
-  if not np.array_equal(indices[order], np.arange(labels.size)):
+  if not np.array_equal(indices[order], np.arange(num_examples)):
     raise RuntimeError(
-        f"evaluation scored {indices.size} examples but the split has {labels.size}; "
+        f"evaluation scored {indices.size} examples but the split has {num_examples}; "
         "every example must be scored exactly once")
-  return metrics_lib.classification_metrics(
-      labels, predictions[order], scores[order], num_classes=num_classes)
+  return scores[order], predictions[order]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -263,7 +273,8 @@ def load_data(config: ml_collections.ConfigDict, num_local_devices: int
       process_index=jax.process_index(), process_count=jax.process_count(),
       data_dir=config.tfds_data_dir or None, manual_dir=config.manual_dir or None,
       train_class_counts=config.train_class_counts, val_fraction=config.val_fraction,
-      cache=config.cache_images, shuffle_seed=config.seed, split_by=config.split_by)
+      cache=config.cache_images, shuffle_seed=config.seed, split_by=config.split_by,
+      split_file=config.split_file)
 
 
 # ------------------------------------------------------- what a workdir holds
@@ -274,15 +285,15 @@ class _Best:
   metrics: dict[str, Any] | None = None
 
 
-CONFIG_FILE = "config.json"
-BEST_FILE = "best.json"
-RESULTS_FILE = "results.json"
+CONFIG_FILE = runs.CONFIG_FILE
+BEST_FILE = runs.BEST_FILE
+RESULTS_FILE = runs.RESULTS_FILE
 # Fields that change where data is read or what is logged and kept, not what is
 # trained: a resumed run may change them.
 RESUMABLE_FIELDS = frozenset({
     "manual_dir", "tfds_data_dir", "log_every_steps", "eval_batch_size",
     "max_checkpoints_to_keep", "sdc.embedding_plot", "udc.embedding_plot",
-    "biigma.report_images"})
+    "biigma.report_images", "operating_point", "heatmap_images"})
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -306,6 +317,12 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
   recorded = flax.traverse_util.flatten_dict(json.loads(recorded_file.read_text()),
                                              sep=".")
   current = flax.traverse_util.flatten_dict(config_record(config), sep=".")
+  # A field added to the configs after the run was made holds its default.
+  defaults = flax.traverse_util.flatten_dict(config_record(configlib.base_config()),
+                                             sep=".")
+  for key in current.keys() - recorded.keys():
+    if key in defaults and defaults[key] == current[key]:
+      recorded[key] = current[key]
   differ = sorted(k for k in recorded.keys() | current.keys()
                   if recorded.get(k, "<absent>") != current.get(k, "<absent>")
                   and k not in RESUMABLE_FIELDS)
@@ -322,7 +339,8 @@ def discard_run(workdir: pathlib.Path) -> None:
   """Deletes what a run keeps in ``workdir`` (checkpoints, records, results, logs)."""
   for name in ("checkpoints", "best_checkpoint"):
     shutil.rmtree(workdir / name, ignore_errors=True)
-  for name in (CONFIG_FILE, BEST_FILE, RESULTS_FILE):
+  for name in (CONFIG_FILE, BEST_FILE, RESULTS_FILE, runs.MODEL_FILE, runs.SPLITS_FILE,
+               runs.PREDICTIONS_FILE):
     (workdir / name).unlink(missing_ok=True)
   for events in workdir.glob("events.out.tfevents.*"):
     events.unlink()
@@ -413,6 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("data: %s, task %s, classes %s, examples %s, train class counts %s",
                config.dataset, config.task, data.class_names, data.num_examples,
                data.train_class_counts.tolist())
+  if is_chief:
+    split_file.write(workdir / runs.SPLITS_FILE, data.listing, data.class_names)
 
   steps_per_epoch = max(1, data.num_examples["train"] // config.batch_size)
   method = method_cls(config, num_classes=data.num_classes,
@@ -456,6 +476,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def evaluate_split(split: str, state) -> dict[str, Any]:
     return evaluate(p_predict, state, data.eval[split], data.eval_labels[split], par,
                     data.num_classes)
+
+  def final_scores(split: str, state) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    scores, predictions = score_split(p_predict, state, data.eval[split],
+                                      data.eval_labels[split].size, par)
+    return scores, predictions, metrics_lib.classification_metrics(
+        data.eval_labels[split], predictions, scores, num_classes=data.num_classes)
 
   def save(state, step: int) -> None:
     ckpt.save(step, args=ocp.args.StandardSave(_to_host(state, par)))
@@ -527,11 +553,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     host_state = best_ckpt.restore(best_ckpt.latest_step(),
                                    args=ocp.args.StandardRestore(host_state))
   final_state = par.replicate(host_state)
+  final = {split: final_scores(split, final_state) for split in data.eval}
   results = {
       "best_step": best.step,
       "selection_metric": config.selection_metric,
-      "validation": evaluate_split("validation", final_state),
-      "test": evaluate_split("test", final_state),
+      "validation": final["validation"][2],
+      "test": final["test"][2],
       "num_train_steps": num_steps,
       "class_names": list(data.class_names),
       "num_examples": {k: int(v) for k, v in data.num_examples.items()},
@@ -544,6 +571,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_chief:
     results.update(method.report(final_state, data, par, workdir, p_predict))
     faults.point("report")
+  # The state that scores like the results: the CAE's report replaces its
+  # running prototypes by final ones (on one process, which the CAE requires).
+  inference = method.inference_state(host_state.method_state, results)
+  if inference is not host_state.method_state:
+    final_state = par.replicate(host_state.replace(method_state=inference))
+    final = {split: final_scores(split, final_state) for split in data.eval}
+  decisions = runs.decision_results(
+      method, data.eval_labels, {split: scored[0] for split, scored in final.items()})
+  results.update(decisions)
+  if is_chief:
+    runs.write_predictions(workdir, data.listing, data.class_names,
+                           {split: scored[:2] for split, scored in final.items()})
+    if config.heatmap_images > 0:
+      images, indices = run_pictures.first_examples(data.eval["test"],
+                                                    config.heatmap_images)
+      run_pictures.gradcam_grid(workdir / "gradcam_test.png", method,
+                                host_state.variables(), inference, images,
+                                data.eval_labels["test"][indices], data.class_names)
+    if "operating_points" in decisions:
+      run_pictures.plot_roc(workdir / "roc_test.png", data.eval_labels["test"],
+                            final["test"][0], decisions["operating_points"])
+    run_pictures.to_tensorboard(writer, num_steps, workdir)
+    writer.flush()
+    convention = getattr(method, "auc_convention", None)
+    runs.write_model_card(workdir, config, method, class_names=data.class_names,
+                          best_step=best.step, decisions=decisions,
+                          auc_convention=convention() if convention else "")
     _write_json(workdir / RESULTS_FILE, results)
   logging.info("final (best step %d): validation %s %.4f, test %s %.4f", best.step,
                config.selection_metric, results["validation"].get(config.selection_metric, math.nan),

@@ -178,3 +178,85 @@ def assert_results_match_rescoring(config, workdir: pathlib.Path,
     expected = sklearn_metrics(labels, scores, predictions, data.num_classes)
     for name, value in expected.items():
       assert results[split][name] == pytest.approx(value, abs=1e-6), (split, name)
+
+
+def assert_run_is_usable(workdir: pathlib.Path, image_dir: pathlib.Path,
+                         out_dir: pathlib.Path) -> dict:
+  """A finished run describes itself, and ``predict`` on its test files agrees.
+
+  * ``splits.csv`` lists every evaluated and training example once, with the
+    run's example counts, and no lesion in two splits;
+  * ``predictions.csv`` holds the scores behind ``results.json``: scikit-learn's
+    metrics of its rows are the run's validation and test metrics;
+  * binary runs: each operating point's test metrics are those of its threshold
+    applied to the test scores, and its threshold reaches its rule on the
+    validation scores (checked here for the sensitivity target);
+  * ``python -m comtriplet_jax.predict`` on the test split's own image files
+    (``image_dir/<image_id>.jpg``) gives the run's test scores to 1e-5 and, at
+    the paper's operating point, the run's test predictions.
+
+  Returns the parsed ``model.json``.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  from comtriplet_jax import predict  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  results = json.loads((workdir / "results.json").read_text())
+  card = json.loads((workdir / "model.json").read_text())
+  classes = results["class_names"]
+  assert card["class_names"] == classes
+  assert (workdir / card["checkpoint"]).is_dir()
+  assert card["best_step"] == results["best_step"]
+
+  split_rows = list(csv.DictReader(open(workdir / "splits.csv")))
+  for split, count in results["num_examples"].items():
+    assert sum(r["split"] == split for r in split_rows) == count, split
+  assert len({r["image_id"] for r in split_rows}) == len(split_rows)
+  groups = {}
+  for r in split_rows:
+    groups.setdefault(r["group_id"], set()).add(r["split"])
+  assert all(len(s) == 1 for s in groups.values()), "a lesion in two splits"
+
+  rows = list(csv.DictReader(open(workdir / "predictions.csv")))
+  multi = len(classes) > 2
+  columns = [f"p_{c}" for c in classes] if multi else ["score"]
+  by_split = {}
+  for split in ("validation", "test"):
+    mine = [r for r in rows if r["split"] == split]
+    labels = np.array([classes.index(r["label"]) for r in mine])
+    scores = np.array([[float(r[c]) for c in columns] for r in mine])
+    scores = scores if multi else scores[:, 0]
+    predictions = np.array([classes.index(r["prediction"]) for r in mine])
+    by_split[split] = (mine, labels, scores, predictions)
+    for name, value in sklearn_metrics(labels, scores, predictions,
+                                       len(classes)).items():
+      assert results[split][name] == pytest.approx(value, abs=1e-6), (split, name)
+
+  if not multi:
+    _, val_y, val_s, _ = by_split["validation"]
+    _, test_y, test_s, _ = by_split["test"]
+    points = results["operating_points"]
+    assert set(points) == {"paper", "youden", "sensitivity=0.90"}
+    for rule, point in points.items():
+      assert card["thresholds"][rule] == point["threshold"]
+      predicted = (test_s >= point["threshold"]).astype(int)
+      tp = np.sum((predicted == 1) & (test_y == 1))
+      assert point["test"]["sensitivity"] == pytest.approx(
+          tp / max(1, np.sum(test_y == 1)), abs=1e-9), rule
+    target = points["sensitivity=0.90"]["threshold"]
+    if np.any(val_y == 1):
+      assert np.mean(val_s[val_y == 1] >= target) >= 0.9
+  else:
+    assert "temperature" in card and card["temperature"] > 0
+
+  mine, _, scores, predictions = by_split["test"]
+  files = [str(image_dir / f"{r['image_id']}.jpg") for r in mine]
+  out = out_dir / "predictions_of_test_files.csv"
+  result = predict.predict(str(workdir), files, out=str(out), batch_size=8,
+                           operating_point="paper")
+  assert result["scored"] == len(files) and not result["failed"]
+  predicted = list(csv.DictReader(open(out)))
+  assert [r["path"] for r in predicted] == files
+  got = np.array([[float(r[c]) for c in columns] for r in predicted])
+  np.testing.assert_allclose(got if multi else got[:, 0], scores, rtol=1e-5, atol=1e-5)
+  assert [classes.index(r["prediction"]) for r in predicted] == predictions.tolist()
+  return card

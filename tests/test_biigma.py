@@ -546,6 +546,8 @@ def test_train_and_evaluate_writes_metrics_and_pictures(fake_ham, tmp_path_facto
   written = json.loads((tmp_path / "results.json").read_text())
   assert written["test"]["num_examples"] == results["num_examples"]["test"]
   method_checks.assert_results_match_rescoring(config, tmp_path, written)
+  method_checks.assert_run_is_usable(tmp_path, fake_ham / "images", tmp_path / "predict")
+  assert written["calibration"]["fitted_on"] == "validation"
   info = written["biigma"]
   # runlocal at test size departs from the paper in lambda only (scaled to the
   # tiny heads).

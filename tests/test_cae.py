@@ -280,6 +280,9 @@ def test_train_and_evaluate_end_to_end(fake_ham, tmp_path):
   for split in ("validation", "test"):
     assert written[split]["num_examples"] == results["num_examples"][split]
     assert np.isfinite(written["cae"]["reconstruction_mse"][split])
+  # predictions.csv and predict score against the final prototypes, as results.json.
+  method_checks.assert_run_is_usable(tmp_path / "work", fake_ham / "images",
+                                     tmp_path / "predict")
 
   # The final prototypes are K-Means of every training image's code under the
   # selected model (a converged Lloyd iteration: each is the mean of the codes

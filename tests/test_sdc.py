@@ -68,6 +68,9 @@ def test_sdc_trains_evaluates_resumes_and_reports(fake_ham, data_dir, tmp_path):
     for name, value in method_checks.sklearn_metrics(labels, scores, predictions,
                                                      2).items():
       assert written[split][name] == pytest.approx(value, abs=1e-6), (split, name)
+  card = method_checks.assert_run_is_usable(tmp_path / "whole", fake_ham / "images",
+                                            tmp_path / "predict")
+  assert card["decision_boundary"] == 0.0
   centres = best["method_state"]["centres"]
   assert written["prototypes"]["num_updates"] == int(centres["num_updates"]) >= 1
   assert written["prototypes"]["separation"] == pytest.approx(

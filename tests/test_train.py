@@ -54,8 +54,21 @@ def test_train_evaluate_writes_everything(fake_ham, data_dir, tmp_path):
   # The loop's metrics equal scikit-learn's on the selected checkpoint's scores,
   # computed one image at a time outside the loop.
   method_checks.assert_results_match_rescoring(config, tmp_path, written)
+  card = method_checks.assert_run_is_usable(tmp_path, fake_ham / "images",
+                                            tmp_path / "predict")
+  assert (card["method"], card["image_size"], card["operating_point"]) == (
+      "classifier", 32, "paper")
   assert (tmp_path / "best.json").exists()
-  assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
+  events = list(tmp_path.glob("events.out.tfevents.*"))
+  assert events, "no TensorBoard event file"
+  # The selected model's pictures, also in TensorBoard.
+  for name in ("gradcam_test.png", "roc_test.png"):
+    assert (tmp_path / name).stat().st_size > 1000, name
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(events[0]))
+  acc.Reload()
+  pictures = acc.Tags()["images"] + acc.Tags()["tensors"]
+  assert {"pictures/gradcam_test", "pictures/roc_test"} <= set(pictures), pictures
   step, _ = _final_params(tmp_path)
   assert step == 6
 

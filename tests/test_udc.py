@@ -243,6 +243,7 @@ def test_udc_runs_end_to_end(fake_ham, data_dir, tmp_path):
   assert "smaller mixture weight" in written["auc_convention"]
   assert written["prototypes"]["num_updates"] >= 1
   method_checks.assert_results_match_rescoring(config, tmp_path, written)
+  method_checks.assert_run_is_usable(tmp_path, fake_ham / "images", tmp_path / "predict")
   for split in ("validation", "test"):
     assert written["feature_selection"]["mean_difference"][split]["num_examples"] == (
         results["num_examples"][split])

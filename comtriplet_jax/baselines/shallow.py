@@ -662,7 +662,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       num_local_devices=1, data_dir=config.tfds_data_dir or None,
       manual_dir=config.manual_dir or None,
       train_class_counts=config.train_class_counts, val_fraction=config.val_fraction,
-      cache=False, shuffle_seed=config.seed, split_by=config.split_by)
+      cache=False, shuffle_seed=config.seed, split_by=config.split_by,
+      split_file=config.split_file)
   if data.num_classes != 2:
     raise ValueError(f"the shallow baselines are binary (minority vs majority); task "
                      f"{config.task!r} has {data.num_classes} classes")

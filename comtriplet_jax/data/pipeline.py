@@ -47,6 +47,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from comtriplet_jax.data import builders
+from comtriplet_jax.data import split_file as split_file_lib
 from comtriplet_jax.data import splits
 
 SPLIT_BY = ("lesion", "image")
@@ -127,6 +128,9 @@ class Datasets:
     train_shards: [n_local] int32, the local device (0 .. D-1) whose shard each
       example of ``train_examples`` belongs to (``train_examples`` holds the
       shards one after another, in device order, each in source order).
+    listing: split name -> ``{'image_id', 'group_id', 'label'}`` arrays of its
+      examples (all processes) in index order, ``label`` the task label: what
+      ``splits.csv`` records (``split_file.write``).
   """
   train: tf.data.Dataset
   eval: dict[str, tf.data.Dataset]
@@ -140,6 +144,7 @@ class Datasets:
   train_examples: tf.data.Dataset
   train_labels: np.ndarray
   train_shards: np.ndarray
+  listing: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 # --- reading -----------------------------------------------------------------
@@ -191,19 +196,25 @@ def read_metadata(source: ExampleSource) -> Metadata:
 
 def plan_splits(metadata: Metadata, source: ExampleSource, *, task: str,
                 split_scheme: str, split_seed: int, val_fraction: float = 0.1,
-                train_class_counts: str = "") -> SplitPlan:
+                train_class_counts: str = "", split_file: str = "") -> SplitPlan:
   """Splits, maps to the task and subsamples the training split, in NumPy.
 
   The split is stratified by the dataset's own classes, so that every task on a
   dataset uses the same lesions for training and testing; the task then drops
   the classes it does not use, and imbalance control subsamples only training.
+  With ``split_file`` (a run's ``splits.csv``, see ``split_file.py``) the file
+  says which example is in which split instead.
   """
-  split_of_row, split_names = splits.split_examples(
-      metadata.labels, metadata.group_ids, scheme=split_scheme,
-      seed=split_seed, val_fraction=val_fraction)
   task_labels, keep, class_names = splits.map_task_labels(
       task, metadata.labels, source.class_names, source.diagnoses,
       dataset=source.name)
+  if split_file:
+    split_of_row, split_names = split_file_lib.read(
+        split_file, metadata.image_ids, np.where(keep, task_labels, -1), class_names)
+  else:
+    split_of_row, split_names = splits.split_examples(
+        metadata.labels, metadata.group_ids, scheme=split_scheme,
+        seed=split_seed, val_fraction=val_fraction)
   rows = {}
   for k, name in enumerate(split_names):
     members = np.flatnonzero((split_of_row == k) & keep)
@@ -405,7 +416,7 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
                    train_class_counts: str = "", val_fraction: float = 0.1,
                    cache: bool = True, shuffle_seed: int = 0,
                    shuffle_buffer_size: int | None = None,
-                   split_by: str = "lesion") -> Datasets:
+                   split_by: str = "lesion", split_file: str = "") -> Datasets:
   """Training and evaluation pipelines from an ``ExampleSource``.
 
   See ``create_datasets`` for the arguments; ``shuffle_buffer_size`` (None: the
@@ -419,7 +430,7 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
       process_count=process_count, val_fraction=val_fraction,
       shuffle_buffer_size=shuffle_buffer_size, split_by=split_by)
   metadata = read_metadata(source)
-  if split_by == "image":
+  if split_by == "image" and not split_file:
     shared = metadata.group_ids.size - np.unique(metadata.group_ids).size
     message = (f"split_by='image': {source.name}'s images are split one by one, so "
                f"images of one lesion can land in different splits ({shared} of its "
@@ -430,7 +441,7 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
     metadata = dataclasses.replace(metadata, group_ids=metadata.image_ids)
   plan = plan_splits(metadata, source, task=task, split_scheme=split_scheme,
                      split_seed=split_seed, val_fraction=val_fraction,
-                     train_class_counts=train_class_counts)
+                     train_class_counts=train_class_counts, split_file=split_file)
   table = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(
           tf.constant(metadata.image_ids),
@@ -522,7 +533,11 @@ def build_datasets(source: ExampleSource, *, task: str, split_scheme: str,
       train_examples=train_examples,
       train_labels=plan.task_labels[np.concatenate(shards)],
       train_shards=np.repeat(np.arange(len(shards), dtype=np.int32),
-                             [shard.size for shard in shards]))
+                             [shard.size for shard in shards]),
+      listing={name: {"image_id": metadata.image_ids[rows],
+                      "group_id": metadata.group_ids[rows],
+                      "label": plan.task_labels[rows]}
+               for name, rows in plan.rows.items()})
 
 
 def create_datasets(*, dataset: str, task: str, split_scheme: str,
@@ -534,7 +549,7 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
                     cache: bool = True, shuffle_seed: int = 0,
                     builder_config: str | None = None,
                     shuffle_buffer_size: int | None = None,
-                    split_by: str = "lesion") -> Datasets:
+                    split_by: str = "lesion", split_file: str = "") -> Datasets:
   """Prepares a dataset and builds its training and evaluation pipelines.
 
   Args:
@@ -561,6 +576,9 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
     split_by: 'lesion' (every image of a lesion or patient in one split) or
       'image' (each image on its own, with a warning: lesions leak across
       splits; only for measuring that leakage).
+    split_file: a run's ``splits.csv`` whose ``split`` column replaces the
+      seeded split (``split_file.read``); scheme, seed and ``split_by`` are then
+      not used.
 
   Returns:
     ``Datasets``.
@@ -582,7 +600,8 @@ def create_datasets(*, dataset: str, task: str, split_scheme: str,
       process_index=process_index, process_count=process_count,
       train_class_counts=train_class_counts, val_fraction=val_fraction,
       cache=cache, shuffle_seed=shuffle_seed,
-      shuffle_buffer_size=shuffle_buffer_size, split_by=split_by)
+      shuffle_buffer_size=shuffle_buffer_size, split_by=split_by,
+      split_file=split_file)
 
 
 def iterate_train(data: Datasets, start_step: int = 0):

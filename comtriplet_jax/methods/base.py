@@ -15,6 +15,9 @@ small object built from the config:
 * :meth:`Method.update_state` advances the method state from the loss' auxiliary
   output; its result must be identical on every device.
 * :meth:`Method.predict` scores a batch for evaluation.
+* :meth:`Method.heatmap_target` gives Grad-CAM (``evaluation/gradcam.py``) the
+  last convolutional feature map and the value to explain, computed from it
+  along the path of :meth:`Method.predict`.
 * :meth:`Method.train_stream` gives the host batches the method trains on, from a
   given step (labelled random batches by default; triplets for SDC); it must be a
   pure function of the config's seeds and the step so that resumed runs continue
@@ -26,7 +29,7 @@ small object built from the config:
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import flax.linen as nn
 import jax
@@ -38,12 +41,22 @@ from comtriplet_jax import models
 from comtriplet_jax import parallel
 from comtriplet_jax.data import augment
 from comtriplet_jax.data import pipeline
+from comtriplet_jax.evaluation import gradcam
+from comtriplet_jax.models import common
 
 PyTree = Any
+_T = TypeVar("_T")
 
 
 class Method:
-  """Base class: image preparation and the pieces shared by all methods."""
+  """Base class: image preparation and the pieces shared by all methods.
+
+  ``decision_boundary``: for binary tasks, the score above which the method's
+  own rule predicts the positive class (label 1): 0.5 for the argmax of two
+  softmax probabilities; prototype methods (score d_maj - d_min) use 0.
+  """
+
+  decision_boundary = 0.5
 
   def __init__(self, config: ml_collections.ConfigDict, *, num_classes: int,
                train_class_counts, steps_per_epoch: int = 1):
@@ -72,6 +85,21 @@ class Method:
     """Returns ``scores`` [b] (binary) or [b, C] and ``predictions`` [b]."""
     raise NotImplementedError
 
+  def heatmap_target(self, variables: PyTree, method_state: PyTree, images: jax.Array,
+                     *, class_index: int | jax.Array | None = None,
+                     feature_delta: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """What Grad-CAM explains: ``(feature_map [b, h, w, C], target [b])``.
+
+    ``feature_map`` is the last convolutional map before global pooling, and
+    ``target`` is computed from ``feature_map + feature_delta`` through the same
+    ``model.apply`` as :meth:`predict` (``feature_delta=None``: nothing added);
+    see ``evaluation/gradcam.py`` for why the delta. ``class_index`` picks the
+    class explained (int or [b]); each method documents its default.
+    """
+    del variables, method_state, images, class_index, feature_delta
+    raise NotImplementedError(f"{type(self).__name__} has no Grad-CAM target")
+
   def departures(self) -> dict[str, Any]:
     """Training fields that differ from what both papers fix (results.json).
 
@@ -82,6 +110,16 @@ class Method:
       return {"lr_schedule": self.config.lr_schedule,
               "warmup_steps": self.config.warmup_steps}
     return {}
+
+  def inference_state(self, method_state: PyTree, results: dict[str, Any]) -> PyTree:
+    """The method state that scores images like the run's final results.
+
+    ``results`` is the run's ``results.json``. The state of the selected
+    checkpoint, unless the final report replaced part of it (the CAE's final
+    prototypes).
+    """
+    del results
+    return method_state
 
   def init_method_state(self, variables: PyTree) -> PyTree:
     del variables
@@ -138,3 +176,72 @@ class Method:
     variables = {"params": variables["params"],
                  "batch_stats": variables.get("batch_stats", {})}
     return variables, self.init_method_state(variables)
+
+  # ------------------------------------------------------------ Grad-CAM
+  def call_with_feature_map(self, run: Callable[[], _T],
+                            feature_delta: jax.Array | None = None, *,
+                            feature_name: str | None = None) -> tuple[jax.Array, _T]:
+    """Runs ``run()`` exposing (and shifting) one feature map of the model's backbone.
+
+    Every backbone already returns its feature maps (``models.FEATURES``) next to
+    the pooled vector, and the method models read ``pooled`` (or an exit) from
+    that call. The call of the submodule ``backbone`` inside ``run`` (e.g.
+    :meth:`predict` or ``self.model.apply``) is intercepted
+    (``gradcam.tap_submodule``): the map ``feature_name`` (default: the last,
+    the one pooled) is read, ``feature_delta`` is added to it, and when it is the
+    last map the pooled vector is recomputed from the shifted map exactly as the
+    backbones compute it (``common.global_average_pool``), so that everything
+    downstream of the map sees the shift. Nothing in the models changes, and
+    the code path is the one ``run`` takes anyway.
+
+    Args:
+      run: a thunk calling this method's model once.
+      feature_delta: added to the map, of its shape; None adds nothing.
+      feature_name: a key of the backbone's features; the last by default.
+
+    Returns:
+      (the feature map, shifted, [b, h, w, C]; what ``run`` returned).
+
+    Raises:
+      ValueError: for an unknown feature name or a delta of the wrong shape.
+      RuntimeError: when ``run`` does not call the backbone exactly once.
+    """
+    names = models.FEATURES[self.config.backbone]
+    name = feature_name or names[-1]
+    if name not in names:
+      raise ValueError(f"feature {name!r} is not among the maps of backbone "
+                       f"{self.config.backbone!r}: {', '.join(names)}")
+    captured = []
+
+    def edit(call, args, kwargs):
+      pooled, features = call(*args, **kwargs)
+      feature_map = features[name]
+      if feature_delta is not None:
+        if feature_delta.shape != feature_map.shape:
+          raise ValueError(f"feature_delta has shape {feature_delta.shape}; the map "
+                           f"{name!r} has {feature_map.shape}")
+        feature_map = feature_map + feature_delta.astype(feature_map.dtype)
+        features = {**features, name: feature_map}
+        if name == names[-1]:
+          pooled = common.global_average_pool(feature_map)
+      captured.append(feature_map)
+      return pooled, features
+
+    with gradcam.tap_submodule(("backbone",), edit) as calls:
+      out = run()
+    if calls[0] != 1:
+      raise RuntimeError(f"{type(self).__name__}: expected one call of the backbone, "
+                         f"got {calls[0]}")
+    return captured[0], out
+
+  def class_logit_target(self, logits: jax.Array,
+                         class_index: int | jax.Array | None) -> jax.Array:
+    """The logit Grad-CAM explains; default: class 1 if binary, else the predicted.
+
+    For a binary task class 1 (the positive class, melanoma) is the class whose
+    probability :meth:`predict` reports as the score, whatever the prediction;
+    with more classes the default is the predicted class (argmax).
+    """
+    if class_index is None:
+      class_index = 1 if self.num_classes == 2 else jnp.argmax(logits, axis=-1)
+    return gradcam.class_logit(logits, class_index)

@@ -84,6 +84,7 @@ import numpy as np
 from comtriplet_jax import losses
 from comtriplet_jax import models
 from comtriplet_jax import parallel
+from comtriplet_jax.evaluation import gradcam
 from comtriplet_jax.methods import base
 from comtriplet_jax.models import biigma as biigma_model
 from comtriplet_jax.models import mica as mica_lib
@@ -404,6 +405,44 @@ class BIIGMA(base.Method):
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     scores = probs[:, 1] if self.num_classes == 2 else probs
     return {"scores": scores, "predictions": jnp.argmax(probs, axis=-1)}
+
+  # ---------------------------------------------------------------- Grad-CAM
+  def heatmap_target(self, variables, method_state, images, *, class_index=None,
+                     feature_delta=None):
+    """R (the last exit, which MICA and G read) and the clean logit of a class.
+
+    The clean branch of :meth:`predict` with R tapped
+    (:meth:`call_with_feature_map`): the delta reaches the logit through MICA,
+    pooling and G. Default class: 1 for a binary task, the predicted class
+    otherwise (:meth:`class_logit_target`).
+    """
+    del method_state
+    x = self.prepare_images(images, None, train=False)
+    feature_map, out = self.call_with_feature_map(
+        lambda: self.model.apply(variables, x, train=False), feature_delta,
+        feature_name=self.exit_names()[-1])
+    return feature_map, self.class_logit_target(out["logits"], class_index)
+
+  def spatial_attention(self, variables, images: jax.Array) -> jax.Array:
+    """BIIGMA's own spatial attention M (Eq. 5), upsampled to the images: [b, S, S].
+
+    M is the map that weighs R against the sampled background (H = M R +
+    (1 - M) Theta); it is read from the model's sampling branch (eval mode, this
+    batch only), whose key draws Theta and does not change M; under ``jit`` the
+    unused rest of that branch is dropped. Bilinear upsampling keeps M in [0, 1].
+
+    Raises:
+      ValueError: for a model trained without sampling whose adapters have
+        weights (``adapter='conv_maxpool'``): it has no trained M.
+    """
+    if self.cfg.sampling == "none" and self.cfg.adapter == "conv_maxpool":
+      raise ValueError("config.biigma.sampling='none': this model has no spatial "
+                       "attention (its adapters were never built or trained)")
+    model = self.build_model(axis_name=None)
+    x = self.prepare_images(images, None, train=False)
+    out = model.apply(variables, x, train=False, hybrid=True,
+                      rngs={"sampling": jax.random.PRNGKey(0)})
+    return gradcam.upsample_maps(out["attention_map"], images.shape[1:3])
 
   # ------------------------------------------------------------------ report
   def head_dependence(self, variables, images: jax.Array) -> dict[str, jax.Array]:

@@ -64,6 +64,7 @@ from comtriplet_jax.clustering import kmeans as kmeans_lib
 from comtriplet_jax.data import augment
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import embedding_plot
+from comtriplet_jax.evaluation import gradcam
 from comtriplet_jax.evaluation import metrics as metrics_lib
 from comtriplet_jax.methods import base
 from comtriplet_jax.models import cae as cae_model
@@ -262,11 +263,65 @@ class CAE(base.Method):
     x = self.prepare_images(images, None, train=False)
     return self.model.apply(variables, x, train=False, method="encode")
 
+  decision_boundary = 0.0    # the nearer prototype: d_maj - d_min > 0
+
+  def inference_state(self, method_state, results):
+    """With ``final_prototypes='train_kmeans'`` the results score against the
+    final K-Means prototypes (``results['cae']['prototype_vectors']``), not the
+    running ones of the checkpoint."""
+    vectors = results.get("cae", {}).get("prototype_vectors")
+    if self.settings.final_prototypes != "train_kmeans" or vectors is None:
+      return method_state
+    vectors = np.asarray(vectors, np.float32)
+    expected = np.shape(method_state["prototypes"])
+    if vectors.shape != expected:
+      raise ValueError(f"results.json's CAE prototypes have shape {vectors.shape}; "
+                       f"the model's are {expected}")
+    return dict(method_state, prototypes=jnp.asarray(vectors))
+
   def predict(self, variables, method_state, images):
     codes = self.encode_images(variables, images)
+    # Rows of the prototypes: (majority, minority).
+    d = shallow.prototype_distances(codes, method_state["prototypes"],
+                                    distance=self.settings.distance)
     scores, predictions = shallow.prototype_scores(
         codes, method_state["prototypes"], distance=self.settings.distance)
-    return {"scores": scores, "predictions": predictions}
+    return {"scores": scores, "predictions": predictions, "d_min": d[:, 1],
+            "d_maj": d[:, 0]}
+
+  def heatmap_target(self, variables, method_state, images, *, class_index=None,
+                     feature_delta=None):
+    """The encoder's last convolutional map and :meth:`predict`'s prototype score.
+
+    The CAE has no backbone and its encoder flattens the last map (after the last
+    ReLU) into the dense ``code`` layer, so the map is the input of that layer:
+    the call of the submodule ``encoder/code`` inside :meth:`predict` is
+    intercepted (``gradcam.tap_submodule``), its input read as [b, S / 2^L,
+    S / 2^L, f_L] (the inverse of the encoder's row-major flatten), shifted by
+    ``feature_delta`` and handed on. The model is unchanged and the target is
+    ``predict(...)['scores']``, d_maj - d_min to the prototypes; ``class_index``
+    as for SDC (1, default: the score; 0: its negative).
+    """
+    s = self.settings
+    side = self.config.image_size // 2 ** len(s.filters)
+    captured = []
+
+    def edit(call, args, kwargs):
+      flat, *rest = args
+      feature_map = flat.reshape(flat.shape[0], side, side, s.filters[-1])
+      if feature_delta is not None:
+        if feature_delta.shape != feature_map.shape:
+          raise ValueError(f"feature_delta has shape {feature_delta.shape}; the "
+                           f"encoder's last map has {feature_map.shape}")
+        feature_map = feature_map + feature_delta.astype(feature_map.dtype)
+      captured.append(feature_map)
+      return call(feature_map.reshape(flat.shape), *rest, **kwargs)
+
+    with gradcam.tap_submodule(("encoder", "code"), edit) as calls:
+      out = self.predict(variables, method_state, images)
+    if calls[0] != 1:
+      raise RuntimeError(f"CAE: expected one call of the code layer, got {calls[0]}")
+    return captured[0], gradcam.signed_score(out["scores"], class_index)
 
   # ------------------------------------------------------------------- report
   def _codes_and_errors(self, variables, images: jax.Array

@@ -62,3 +62,16 @@ class Classifier(base.Method):
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     scores = probs[:, 1] if self.num_classes == 2 else probs
     return {"scores": scores, "predictions": jnp.argmax(probs, axis=-1)}
+
+  def heatmap_target(self, variables, method_state, images, *, class_index=None,
+                     feature_delta=None):
+    """The backbone's last map and the logit of ``class_index``, as in :meth:`predict`.
+
+    Default class: 1 for a binary task (the class whose probability is the
+    score), the predicted class otherwise (:meth:`class_logit_target`).
+    """
+    del method_state
+    x = self.prepare_images(images, None, train=False)
+    feature_map, logits = self.call_with_feature_map(
+        lambda: self.model.apply(variables, x, train=False), feature_delta)
+    return feature_map, self.class_logit_target(logits, class_index)

@@ -56,6 +56,7 @@ from comtriplet_jax import losses
 from comtriplet_jax import parallel
 from comtriplet_jax.clustering import prototypes
 from comtriplet_jax.data import triplets
+from comtriplet_jax.evaluation import gradcam
 from comtriplet_jax.evaluation import metrics as metrics_lib
 from comtriplet_jax.methods import base
 from comtriplet_jax.models import heads
@@ -224,11 +225,26 @@ class SDC(base.Method):
     return dict(method_state, centres=new._asdict())
 
   # ----------------------------------------------------------------- predict
+  decision_boundary = 0.0    # the nearer prototype: d_maj - d_min > 0
+
   def predict(self, variables, method_state, images):
     centres = method_state["centres"]
-    out = prototypes.prototype_scores(self.embed(variables, images),
-                                      centres["centre_min"], centres["centre_maj"])
-    return {"scores": out["scores"], "predictions": out["predictions"]}
+    # scores, predictions, and the distances d_min, d_maj to the prototypes.
+    return prototypes.prototype_scores(self.embed(variables, images),
+                                       centres["centre_min"], centres["centre_maj"])
+
+  def heatmap_target(self, variables, method_state, images, *, class_index=None,
+                     feature_delta=None):
+    """The backbone's last map and :meth:`predict`'s score d_maj - d_min.
+
+    The target is ``predict(...)['scores']`` itself, run with the map tapped
+    (:meth:`call_with_feature_map`). ``class_index`` 1 (default) explains the
+    score, the evidence for the minority prototype; 0 explains its negative, the
+    evidence for the majority prototype (``gradcam.signed_score``).
+    """
+    feature_map, out = self.call_with_feature_map(
+        lambda: self.predict(variables, method_state, images), feature_delta)
+    return feature_map, gradcam.signed_score(out["scores"], class_index)
 
   # ------------------------------------------------------------------- data
   def train_images(self, data) -> triplets.TrainImages:
