@@ -36,7 +36,6 @@ import json
 import pathlib
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,6 +46,7 @@ import tensorflow as tf
 from comtriplet_jax import methods
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import operating_points
+from comtriplet_jax.models import weights
 
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.json"
@@ -273,25 +273,12 @@ def load_run(workdir: str | pathlib.Path) -> TrainedModel:
   manager = ocp.CheckpointManager((workdir / "best_checkpoint").absolute())
   restored = manager.restore(card["best_step"], args=ocp.args.StandardRestore())
   manager.close()
-  state = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {}),
-           "method_state": restored.get("method_state", {})}
-  expected = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-              "method_state": method_state}
-  for name in state:
-    want = flax.traverse_util.flatten_dict(expected[name], sep="/") if expected[
-        name] else {}
-    got = flax.traverse_util.flatten_dict(state[name], sep="/") if state[
-        name] else {}
-    bad = sorted(k for k in want.keys() | got.keys()
-                 if k not in want or k not in got
-                 or np.shape(want[k]) != np.shape(got[k]))
-    if bad:
-      raise ValueError(f"{checkpoint}: the {name} do not fit the model that "
-                       f"{workdir / CONFIG_FILE} builds, e.g. {bad[:5]}")
-  cast = lambda tree, like: jax.tree.map(  # noqa: E731
-      lambda x, y: jnp.asarray(x, jnp.asarray(y).dtype), tree, like)
-  variables = {"params": cast(state["params"], expected["params"]),
-               "batch_stats": cast(state["batch_stats"], expected["batch_stats"])}
+  what = f"{checkpoint}'s"
+  into = f"the model that {workdir / CONFIG_FILE} builds"
+  variables = {name: weights.fit_variables(variables[name], restored.get(name) or {},
+                                           f"{what} {name}", into)
+               for name in ("params", "batch_stats")}
   method_state = method.inference_state(
-      cast(state["method_state"], expected["method_state"]), results)
+      weights.fit_variables(method_state, restored.get("method_state") or {},
+                            f"{what} method state", into), results)
   return TrainedModel(workdir, config, card, results, method, variables, method_state)

@@ -53,6 +53,7 @@ from comtriplet_jax.evaluation import metrics as metrics_lib
 from comtriplet_jax.evaluation import run_pictures
 from comtriplet_jax import methods
 from comtriplet_jax.methods import base
+from comtriplet_jax.models import weights
 
 PyTree = Any
 
@@ -192,58 +193,6 @@ def _checkpoint_manager(directory: pathlib.Path, max_to_keep: int
 
 def _to_host(state: TrainState, par: parallel.DataParallel) -> TrainState:
   return par.unreplicate(state)
-
-
-def load_backbone_variables(init_from: str, backbone: str) -> dict[str, PyTree]:
-  """Backbone ``{'params', 'batch_stats'}`` from an orbax checkpoint directory.
-
-  ``init_from='imagenet'`` looks for converted ImageNet weights at
-  ``$COMTRIPLET_WEIGHTS_DIR/<backbone>`` (default ``~/.cache/comtriplet_jax/weights``).
-  """
-  if init_from == "imagenet":
-    root = pathlib.Path(os.environ.get(
-        "COMTRIPLET_WEIGHTS_DIR", "~/.cache/comtriplet_jax/weights")).expanduser()
-    path = root / backbone
-    if not path.exists():
-      raise FileNotFoundError(
-          f"ImageNet weights for backbone {backbone!r} were not found at {path}. "
-          "Convert the Keras Applications weights into that folder first (see "
-          "README, 'Transfer learning'), or set COMTRIPLET_WEIGHTS_DIR, or use "
-          "config.init_from=PATH / strategy=NP.")
-  else:
-    path = pathlib.Path(init_from).expanduser()
-    if not path.exists():
-      raise FileNotFoundError(f"config.init_from={init_from!r}: no such checkpoint")
-  restored = ocp.StandardCheckpointer().restore(path.absolute())
-  if "params" not in restored:
-    raise ValueError(f"checkpoint {path} has no 'params' entry: not backbone variables")
-  return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
-
-
-def _merge_backbone(variables: dict[str, PyTree], loaded: dict[str, PyTree],
-                    backbone: str) -> dict[str, PyTree]:
-  """Puts loaded backbone variables into the model's 'backbone' subtree."""
-  out = {}
-  for collection in ("params", "batch_stats"):
-    target = variables[collection].get("backbone", {})
-    source = loaded.get(collection, {})
-    t_flat = flax.traverse_util.flatten_dict(target, sep="/")
-    s_flat = flax.traverse_util.flatten_dict(source, sep="/")
-    missing = sorted(set(t_flat) - set(s_flat))
-    unexpected = sorted(set(s_flat) - set(t_flat))
-    wrong = sorted(k for k in set(t_flat) & set(s_flat)
-                   if np.shape(t_flat[k]) != np.shape(s_flat[k]))
-    if missing or unexpected or wrong:
-      raise ValueError(
-          f"init_from weights do not fit backbone {backbone!r} ({collection}): "
-          f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch "
-          f"{[(k, np.shape(s_flat[k]), np.shape(t_flat[k])) for k in wrong[:5]]}")
-    merged = dict(variables[collection])
-    if t_flat:
-      merged["backbone"] = flax.traverse_util.unflatten_dict(
-          {k: jnp.asarray(v, t_flat[k].dtype) for k, v in s_flat.items()}, sep="/")
-    out[collection] = merged
-  return out
 
 
 def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
@@ -442,8 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   init_rng, train_rng = jax.random.split(rng)
   variables, method_state = method.init(init_rng, config.image_size)
   if config.init_from:
-    variables = _merge_backbone(
-        variables, load_backbone_variables(config.init_from, config.backbone),
+    variables = weights.merge_backbone(
+        variables, weights.load_backbone_variables(config.init_from, config.backbone),
         config.backbone)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(math.ceil(config.num_epochs * steps_per_epoch)))

@@ -180,3 +180,15 @@ def test_evaluate_refuses_classes_the_model_never_saw():
       {"MEL": "melanoma", "NV": "nevus", "UNK": "unknown"}, "isic2019")
   np.testing.assert_array_equal(mapped, [4, 5, -1, -1])
   assert counts["left_out"] == {"UNK": 2}
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(run, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / "copy"
+  shutil.copytree(run, copy)
+  config = json.loads((copy / "config.json").read_text())
+  config["backbone"] = "tiny_resnet"
+  (copy / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"best_checkpoint/\d+'s params do not fit the "
+                     r"model that .*config.json builds: missing \['backbone/"):
+    runs.load_run(copy)

@@ -35,6 +35,7 @@ from comtriplet_jax import train  # noqa: E402
 from comtriplet_jax.data import augment  # noqa: E402
 from comtriplet_jax.models import efficientnet  # noqa: E402
 from comtriplet_jax.models import keras_import  # noqa: E402
+from comtriplet_jax.models import weights  # noqa: E402
 
 
 SMALL = 67
@@ -304,7 +305,7 @@ def test_fine_tune_from_converted_checkpoint(fake_ham, tmp_path, monkeypatch, ca
                        f"--weights_file={weights_file}"])
 
   # 'imagenet' finds the converted checkpoint where the converter put it.
-  loaded = train.load_backbone_variables("imagenet", FINE_TUNE_BACKBONE)
+  loaded = weights.load_backbone_variables("imagenet", FINE_TUNE_BACKBONE)
   converted = keras_import.convert(FINE_TUNE_BACKBONE, str(weights_file))
   assert jax.tree.structure(loaded) == jax.tree.structure(converted)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(converted), strict=True):

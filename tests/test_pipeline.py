@@ -337,3 +337,23 @@ def test_real_ham10000_splits_have_no_shared_lesion(ham10000_builder):
       batch_size=4, eval_batch_size=4, num_local_devices=4, cache=False)
   assert sum(everything.num_examples.values()) == 10015
   assert sum(len(g) for g in everything.split_group_ids.values()) == 7470
+
+
+def test_a_split_file_gives_back_the_split_it_was_written_from(tmp_path):
+  from comtriplet_jax.data import split_file  # pylint: disable=g-import-not-at-top
+  source, labels, groups, ids = _synthetic_source(num_groups=30, seed=7)
+  first = _build(source, num_local_devices=1, split_seed=3)
+  path = split_file.write(tmp_path / "splits.csv", first.listing, first.class_names)
+  # Another seed would split otherwise; the file wins.
+  other = _build(source, num_local_devices=1, split_seed=4)
+  assert any(set(other.listing[s]["image_id"]) != set(first.listing[s]["image_id"])
+             for s in first.listing)
+  again = _build(source, num_local_devices=1, split_seed=4, split_file=str(path))
+  for split in first.listing:
+    for column in ("image_id", "group_id", "label"):
+      np.testing.assert_array_equal(again.listing[split][column],
+                                    first.listing[split][column])
+  assert again.num_examples == first.num_examples
+  # The evaluation streams follow the listing: the test images are the file's.
+  test_rows = _source_rows_by_split(again)["test"]
+  assert sorted(ids[test_rows]) == sorted(first.listing["test"]["image_id"])

@@ -60,7 +60,6 @@ import time
 import warnings
 from typing import Any, Callable, Iterable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -80,6 +79,7 @@ from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import embedding_plot
 from comtriplet_jax.evaluation import metrics as metrics_lib
 from comtriplet_jax.losses import distances
+from comtriplet_jax.models import weights
 
 PyTree = Any
 
@@ -505,21 +505,6 @@ def _resolve_checkpoint(path: pathlib.Path) -> pathlib.Path:
                           "step folder)")
 
 
-def _replace_variables(target: PyTree, source: PyTree, what: str) -> PyTree:
-  """``source`` cast to ``target``'s dtypes; same keys and shapes or ValueError."""
-  t_flat = flax.traverse_util.flatten_dict(target, sep="/")
-  s_flat = flax.traverse_util.flatten_dict(source, sep="/")
-  missing = sorted(set(t_flat) - set(s_flat))
-  unexpected = sorted(set(s_flat) - set(t_flat))
-  wrong = sorted(k for k in set(t_flat) & set(s_flat)
-                 if np.shape(t_flat[k]) != np.shape(s_flat[k]))
-  if missing or unexpected or wrong:
-    raise ValueError(f"{what} do not fit the backbone: missing {missing[:5]}, "
-                     f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
-  return flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(v, t_flat[k].dtype) for k, v in s_flat.items()}, sep="/")
-
-
 def backbone_variables(config: ml_collections.ConfigDict, model, image_size: int
                        ) -> tuple[PyTree, str]:
   """The backbone's variables and a description of where they come from.
@@ -552,13 +537,13 @@ def backbone_variables(config: ml_collections.ConfigDict, model, image_size: int
       params, batch_stats = params["backbone"], batch_stats.get("backbone", {})
     source, what = f"checkpoint {item}", f"checkpoint {item}"
   elif config.init_from:
-    from comtriplet_jax import train  # pylint: disable=g-import-not-at-top
-    loaded = train.load_backbone_variables(config.init_from, config.backbone)
+    loaded = weights.load_backbone_variables(config.init_from, config.backbone)
     params, batch_stats = loaded["params"], loaded["batch_stats"]
     source, what = f"init_from={config.init_from}", f"init_from={config.init_from!r} weights"
-  return {"params": _replace_variables(variables["params"], params, what),
-          "batch_stats": _replace_variables(variables["batch_stats"], batch_stats,
-                                            what)}, source
+  return {"params": weights.fit_variables(variables["params"], params, what,
+                                          "the backbone"),
+          "batch_stats": weights.fit_variables(variables["batch_stats"], batch_stats,
+                                               what, "the backbone")}, source
 
 
 def make_backbone_embedder(config: ml_collections.ConfigDict

@@ -1,6 +1,6 @@
 """Host-side input pipelines: split, decode, crop, resize, batch per device.
 
-The flow (DESIGN.md, "How data flows"):
+The flow:
 
 1. Read every example's label, group id and image id, without decoding images
    (``tfds.decode.SkipDecoding``), from all of a builder's official splits.

@@ -30,7 +30,7 @@ that factor into the variance it writes (variance * std, since
 no flag at load time: leave its ``imagenet_rescaling`` False with converted weights.
 
 The result is an orbax ``StandardCheckpointer`` directory holding ``{'params',
-'batch_stats'}`` of the bare backbone, the format `train.load_backbone_variables`
+'batch_stats'}`` of the bare backbone, the format `weights.load_backbone_variables`
 reads; ``config.init_from='imagenet'`` looks for it in
 ``$COMTRIPLET_WEIGHTS_DIR/<backbone>`` (default ``~/.cache/comtriplet_jax/weights``).
 Fetch and convert once with
@@ -75,7 +75,7 @@ KERAS_ARCHITECTURES: dict[str, str] = {
 # counterpart and are dropped, so files with the top convert too.
 _TOP_LAYERS = frozenset({"fc1", "fc2", "predictions"})
 
-# Where `train.load_backbone_variables('imagenet', backbone)` looks; keep in step.
+# Where `weights.load_backbone_variables('imagenet', backbone)` looks; keep in step.
 WEIGHTS_DIR_ENV = "COMTRIPLET_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_ROOT = "~/.cache/comtriplet_jax/weights"
 
