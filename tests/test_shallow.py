@@ -11,6 +11,7 @@ import pytest
 
 from comtriplet_jax import models
 from comtriplet_jax.baselines import shallow
+from comtriplet_jax.clustering import prototypes
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -74,23 +75,25 @@ def test_two_means_threshold_rejects_bad_input():
 
 # ------------------------------------------------------------------- prototypes
 def test_prototype_scores_by_hand():
-  prototypes = np.array([[1.0, 0.0], [0.0, 1.0]])  # majority, minority
+  # The baselines' rows (majority, minority), scored by the one Eq. 14 scorer.
+  rows = np.array([[1.0, 0.0], [0.0, 1.0]])  # majority, minority
   x = np.array([[2.0, 0.0], [1.0, 1.0], [0.5, 2.0], [0.0, -1.0]])
-  scores, predictions = shallow.prototype_scores(x, prototypes, distance="cosine")
+  out = prototypes.prototype_scores(x, rows[1], rows[0], distance="cosine")
   # d_maj - d_min = (1 - cos to maj) - (1 - cos to min) = cos_min - cos_maj.
   cos_maj = x[:, 0] / np.linalg.norm(x, axis=1)
   cos_min = x[:, 1] / np.linalg.norm(x, axis=1)
-  np.testing.assert_allclose(scores, cos_min - cos_maj, atol=1e-6)
-  np.testing.assert_array_equal(predictions, [0, 0, 1, 0])  # tie -> majority
-  scores, predictions = shallow.prototype_scores(x, prototypes, distance="euclidean")
-  d_maj = np.linalg.norm(x - prototypes[0], axis=1)
-  d_min = np.linalg.norm(x - prototypes[1], axis=1)
-  np.testing.assert_allclose(scores, d_maj - d_min, atol=1e-6)
-  np.testing.assert_array_equal(predictions, [0, 0, 1, 0])
-  with pytest.raises(ValueError, match=r"\[2, S\]"):
-    shallow.prototype_scores(x, np.zeros((3, 2)))
+  np.testing.assert_allclose(out["scores"], cos_min - cos_maj, atol=1e-6)
+  np.testing.assert_array_equal(out["predictions"], [0, 0, 1, 0])  # tie -> majority
+  out = prototypes.prototype_scores(x, rows[1], rows[0], distance="euclidean")
+  d_maj = np.linalg.norm(x - rows[0], axis=1)
+  d_min = np.linalg.norm(x - rows[1], axis=1)
+  np.testing.assert_allclose(out["scores"], d_maj - d_min, atol=1e-6)
+  np.testing.assert_allclose(out["d_min"], d_min, atol=1e-6)
+  np.testing.assert_array_equal(out["predictions"], [0, 0, 1, 0])
+  with pytest.raises(ValueError, match=r"prototypes must be \[S\]"):
+    prototypes.prototype_scores(x, np.zeros(3), np.zeros(2))
   with pytest.raises(ValueError, match="distance"):
-    shallow.prototype_scores(x, prototypes, distance="manhattan")
+    prototypes.prototype_scores(x, rows[1], rows[0], distance="manhattan")
 
 
 def test_order_prototypes_puts_the_smaller_cluster_second():

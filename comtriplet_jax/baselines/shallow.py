@@ -74,6 +74,7 @@ from sklearn import mixture
 
 from comtriplet_jax import configlib
 from comtriplet_jax import models
+from comtriplet_jax.clustering import prototypes as prototypes_lib
 from comtriplet_jax.data import augment
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import embedding_plot
@@ -86,7 +87,7 @@ PyTree = Any
 CLUSTERINGS = ("gmm", "kmeans")
 REDUCTIONS = ("kernel_pca", "fast_ica", "lle", "dictionary_learning")
 BASELINES = CLUSTERINGS + REDUCTIONS
-DISTANCES = ("cosine", "euclidean")
+DISTANCES = prototypes_lib.DISTANCES
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 # Names as in the paper's Tables VI and VIII.
 PAPER_NAMES = {"gmm": "GMM", "kmeans": "K-Means", "kernel_pca": "PCA (kernel)",
@@ -158,57 +159,6 @@ def validate_settings(settings: ml_collections.ConfigDict) -> None:
 
 
 # ------------------------------------------------------------------ decision rules
-def prototype_distances(features: jax.Array, prototypes: jax.Array, *,
-                        distance: str = "cosine") -> jax.Array:
-  """Distances of every feature vector to every prototype.
-
-  Args:
-    features: [n, S] embeddings.
-    prototypes: [K, S] prototypes.
-    distance: 'cosine' (the paper's d) or 'euclidean'.
-
-  Returns:
-    [n, K] float32 distances.
-  """
-  if distance not in DISTANCES:
-    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-  features = jnp.asarray(features, jnp.float32)
-  prototypes = jnp.asarray(prototypes, jnp.float32)
-  if features.ndim != 2 or prototypes.ndim != 2 or features.shape[1] != prototypes.shape[1]:
-    raise ValueError(f"features [n, S] and prototypes [K, S] must share S, got "
-                     f"{features.shape} and {prototypes.shape}")
-  if distance == "cosine":
-    return distances.pairwise_cosine_distance(features, prototypes)
-  cross = jnp.einsum("ns,ks->nk", features, prototypes,
-                     precision=jax.lax.Precision.HIGHEST)
-  squared = (jnp.sum(features ** 2, axis=1)[:, None] - 2.0 * cross
-             + jnp.sum(prototypes ** 2, axis=1)[None, :])
-  return jnp.sqrt(jnp.maximum(squared, 0.0))
-
-
-def prototype_scores(features: jax.Array, prototypes: jax.Array, *,
-                     distance: str = "cosine") -> tuple[jax.Array, jax.Array]:
-  """Eq. 14 with two prototypes: the nearer one is the label, d_maj - d_min the score.
-
-  Args:
-    features: [n, S] embeddings.
-    prototypes: [2, S]: row 0 the majority prototype (label 0), row 1 the
-      minority prototype (label 1), as from :func:`order_prototypes`.
-    distance: 'cosine' (the paper's d) or 'euclidean'.
-
-  Returns:
-    scores [n] float32 = d_maj - d_min (higher = more minority-like) and
-    predictions [n] int32: 1 where d_maj > d_min, 0 otherwise (a tie goes to the
-    majority).
-  """
-  if jnp.ndim(prototypes) != 2 or jnp.shape(prototypes)[0] != 2:
-    raise ValueError(f"prototypes must be [2, S] (majority, minority), got "
-                     f"{jnp.shape(prototypes)}")
-  d = prototype_distances(features, prototypes, distance=distance)
-  scores = d[:, 0] - d[:, 1]
-  return scores, (scores > 0).astype(jnp.int32)
-
-
 def order_prototypes(centres: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, int]:
   """Puts the majority centre first: the smaller cluster is the minority.
 
@@ -355,9 +305,12 @@ class FittedBaseline:
   def scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[n, S] features -> (scores [n], predictions [n]); score > 0 = minority."""
     if self.prototypes is not None:
-      scores, predictions = prototype_scores(features, self.prototypes,
-                                             distance=self.distance)
-      return np.asarray(scores, np.float64), np.asarray(predictions)
+      # Rows (majority, minority), as order_prototypes puts them.
+      out = prototypes_lib.prototype_scores(
+          jnp.asarray(features, jnp.float32), self.prototypes[1], self.prototypes[0],
+          distance=self.distance)
+      return (np.asarray(out["scores"], np.float64),
+              np.asarray(out["predictions"]))
     return self.rule.scores(self.project(features))
 
 

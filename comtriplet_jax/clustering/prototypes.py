@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from comtriplet_jax.losses import distances
 
 FEATURE_SELECTION_RULES = ("range", "mean_difference")
+DISTANCES = ("cosine", "euclidean")
 
 # Below any cosine distance (which is >= 0 up to a few ulps of rounding), so the
 # first batch with both classes always replaces the initial, empty pair.
@@ -176,9 +177,9 @@ def replace_centres(stored: Centres, centre_min: jax.Array, centre_maj: jax.Arra
 
 
 def prototype_distances(embeddings: jax.Array, centre_min: jax.Array,
-                        centre_maj: jax.Array, mask: jax.Array | None = None
-                        ) -> tuple[jax.Array, jax.Array]:
-  """Cosine distances of embeddings to the two prototypes (Eq. 14's d_min, d_maj).
+                        centre_maj: jax.Array, mask: jax.Array | None = None, *,
+                        distance: str = "cosine") -> tuple[jax.Array, jax.Array]:
+  """Distances of embeddings to the two prototypes (Eq. 14's d_min, d_maj).
 
   Args:
     embeddings: [n, S] test embeddings.
@@ -186,13 +187,17 @@ def prototype_distances(embeddings: jax.Array, centre_min: jax.Array,
     centre_maj: [S] majority prototype Cl*_maj.
     mask: optional [S] feature mask (1 keep, 0 drop; see :func:`feature_mask`):
       the distances are computed on the kept features only.
+    distance: 'cosine' (the paper's d) or 'euclidean' (an option of the
+      shallow baselines and the CAE).
 
   Returns:
     (d_min [n], d_maj [n]).
   """
+  if distance not in DISTANCES:
+    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
   embeddings = jnp.asarray(embeddings)
-  centre_min = jnp.asarray(centre_min)
-  centre_maj = jnp.asarray(centre_maj)
+  centre_min = jnp.asarray(centre_min, embeddings.dtype)
+  centre_maj = jnp.asarray(centre_maj, embeddings.dtype)
   if embeddings.ndim != 2 or embeddings.shape[1] == 0:
     raise ValueError(f"embeddings must be [n, S] with S >= 1, got {embeddings.shape}")
   size = embeddings.shape[1]
@@ -207,13 +212,20 @@ def prototype_distances(embeddings: jax.Array, centre_min: jax.Array,
     mask = mask.astype(embeddings.dtype)
     embeddings = embeddings * mask
     prototypes = prototypes * mask
-  d = distances.pairwise_cosine_distance(embeddings, prototypes)    # [n, 2]
+  if distance == "cosine":
+    d = distances.pairwise_cosine_distance(embeddings, prototypes)  # [n, 2]
+  else:
+    cross = jnp.einsum("ns,ks->nk", embeddings, prototypes,
+                       precision=jax.lax.Precision.HIGHEST)
+    squared = (jnp.sum(embeddings ** 2, axis=1)[:, None] - 2.0 * cross
+               + jnp.sum(prototypes ** 2, axis=1)[None, :])
+    d = jnp.sqrt(jnp.maximum(squared, 0.0))
   return d[:, 0], d[:, 1]
 
 
 def prototype_scores(embeddings: jax.Array, centre_min: jax.Array,
-                     centre_maj: jax.Array, mask: jax.Array | None = None
-                     ) -> dict[str, jax.Array]:
+                     centre_maj: jax.Array, mask: jax.Array | None = None, *,
+                     distance: str = "cosine") -> dict[str, jax.Array]:
   """Prototype inference, Eq. 14, and the malignancy score.
 
   Args:
@@ -221,13 +233,15 @@ def prototype_scores(embeddings: jax.Array, centre_min: jax.Array,
     centre_min: [S] minority prototype.
     centre_maj: [S] majority prototype.
     mask: optional [S] feature mask.
+    distance: 'cosine' (the paper's) or 'euclidean'.
 
   Returns:
     ``scores`` [n] = d_maj - d_min (higher = nearer the minority prototype),
     ``predictions`` [n] int32 (1 where d_min < d_maj; ties go to the majority),
     ``d_min`` and ``d_maj`` [n].
   """
-  d_min, d_maj = prototype_distances(embeddings, centre_min, centre_maj, mask)
+  d_min, d_maj = prototype_distances(embeddings, centre_min, centre_maj, mask,
+                                     distance=distance)
   return {"scores": d_maj - d_min,
           "predictions": (d_min < d_maj).astype(jnp.int32),
           "d_min": d_min, "d_maj": d_maj}

@@ -15,7 +15,7 @@ draws from its own key, ``jax.random.split(key, B)[i]``. The model
 uncropped image; the loss is the mean squared error over pixels and channels.
 
 Prototypes. Evaluation scores an image by Eq. 14 with two prototypes in the
-encoder's feature space (:func:`comtriplet_jax.baselines.shallow.prototype_scores`:
+encoder's feature space (:func:`comtriplet_jax.clustering.prototypes.prototype_scores`:
 nearer prototype = label, score = d_maj - d_min, the smaller cluster = minority =
 label 1, cosine distance by default as in UDC). Two sets of prototypes exist:
 
@@ -61,6 +61,7 @@ import numpy as np
 from comtriplet_jax import parallel
 from comtriplet_jax.baselines import shallow
 from comtriplet_jax.clustering import kmeans as kmeans_lib
+from comtriplet_jax.clustering import prototypes as prototypes_lib
 from comtriplet_jax.data import augment
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import embedding_plot
@@ -181,9 +182,9 @@ class CAE(base.Method):
     if not isinstance(s.buffer_size, int) or s.buffer_size < max(2, config.batch_size):
       raise ValueError(f"config.cae.buffer_size={s.buffer_size!r} must be an integer "
                        f">= 2 and >= config.batch_size={config.batch_size}")
-    if s.distance not in shallow.DISTANCES:
+    if s.distance not in prototypes_lib.DISTANCES:
       raise ValueError(f"config.cae.distance={s.distance!r} is not allowed; choose one "
-                       f"of {', '.join(shallow.DISTANCES)}")
+                       f"of {', '.join(prototypes_lib.DISTANCES)}")
     if s.final_prototypes not in FINAL_PROTOTYPES:
       raise ValueError(f"config.cae.final_prototypes={s.final_prototypes!r} is not "
                        f"allowed; choose one of {', '.join(FINAL_PROTOTYPES)}")
@@ -281,13 +282,10 @@ class CAE(base.Method):
 
   def predict(self, variables, method_state, images):
     codes = self.encode_images(variables, images)
-    # Rows of the prototypes: (majority, minority).
-    d = shallow.prototype_distances(codes, method_state["prototypes"],
-                                    distance=self.settings.distance)
-    scores, predictions = shallow.prototype_scores(
-        codes, method_state["prototypes"], distance=self.settings.distance)
-    return {"scores": scores, "predictions": predictions, "d_min": d[:, 1],
-            "d_maj": d[:, 0]}
+    # scores, predictions, d_min, d_maj; the rows are (majority, minority).
+    rows = method_state["prototypes"]
+    return prototypes_lib.prototype_scores(codes, rows[1], rows[0],
+                                       distance=self.settings.distance)
 
   def heatmap_target(self, variables, method_state, images, *, class_index=None,
                      feature_delta=None):
@@ -363,10 +361,12 @@ class CAE(base.Method):
           lambda images: codes_and_errors(variables, images)[1], data.eval[split])
     running = {}
     for split, x in features.items():
-      scores, predictions = shallow.prototype_scores(
-          x, host.method_state["prototypes"], distance=s.distance)
+      rows = host.method_state["prototypes"]
+      scored = prototypes_lib.prototype_scores(jnp.asarray(x, jnp.float32), rows[1],
+                                               rows[0], distance=s.distance)
       running[split] = metrics_lib.classification_metrics(
-          labels[split], np.asarray(predictions), np.asarray(scores), num_classes=2)
+          labels[split], np.asarray(scored["predictions"]),
+          np.asarray(scored["scores"]), num_classes=2)
     out: dict[str, Any] = {"running_prototypes": running}
     details: dict[str, Any] = {
         "running_cluster_sizes": np.asarray(host.method_state["cluster_sizes"]).tolist(),
