@@ -47,6 +47,7 @@ from comtriplet_jax import configlib
 from comtriplet_jax import faults
 from comtriplet_jax import parallel
 from comtriplet_jax import runs
+from comtriplet_jax.data import eval_split
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.data import split_file
 from comtriplet_jax.evaluation import metrics as metrics_lib
@@ -156,31 +157,14 @@ def evaluate(p_predict: Callable, state: TrainState, dataset, labels: np.ndarray
 def score_split(p_predict: Callable, state: TrainState, dataset, num_examples: int,
                 par: parallel.DataParallel) -> tuple[np.ndarray, np.ndarray]:
   """Every example's score and prediction, in index order (all processes)."""
-  scores, predictions, indices, masks = [], [], [], []
-  for batch in dataset.as_numpy_iterator():
-    out = par.local_outputs(p_predict(state, par.shard_batch({"image": batch["image"]})))
-    mask = np.asarray(batch["mask"]).reshape(-1)
-    n = mask.size
-    scores.append(np.asarray(out["scores"]).reshape((n,) + out["scores"].shape[2:]))
-    predictions.append(np.asarray(out["predictions"]).reshape(n))
-    indices.append(np.asarray(batch["index"]).reshape(n))
-    masks.append(mask)
-  scores, predictions, indices, mask = (
-      np.concatenate(a) for a in (scores, predictions, indices, masks))
-  if jax.process_count() > 1:
-    # Every process ran the same number of padded batches, so the arrays have
-    # the same shapes everywhere; padding is dropped after the gather.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    scores, predictions, indices, mask = (
-        np.concatenate(list(multihost_utils.process_allgather(a)))
-        for a in (scores, predictions, indices, mask))
-  scores, predictions, indices = scores[mask], predictions[mask], indices[mask]
-  order = np.argsort(indices, kind="stable")
-  if not np.array_equal(indices[order], np.arange(num_examples)):
-    raise RuntimeError(
-        f"evaluation scored {indices.size} examples but the split has {num_examples}; "
-        "every example must be scored exactly once")
-  return scores[order], predictions[order]
+  def predict(batch):
+    out = par.local_outputs(p_predict(state, par.shard_batch(
+        {"image": batch["image"].reshape(par.num_local_devices, -1,
+                                         *batch["image"].shape[1:])})))
+    return {"scores": out["scores"], "predictions": out["predictions"]}
+  scored, _ = eval_split.outputs(predict, dataset, num_examples=num_examples,
+                                 gather=True)
+  return scored["scores"], scored["predictions"]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -533,8 +517,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     runs.write_predictions(workdir, data.listing, data.class_names,
                            {split: scored[:2] for split, scored in final.items()})
     if config.heatmap_images > 0:
-      images, indices = run_pictures.first_examples(data.eval["test"],
-                                                    config.heatmap_images)
+      images, indices = eval_split.first_examples(data.eval["test"],
+                                                  config.heatmap_images)
       run_pictures.gradcam_grid(workdir / "gradcam_test.png", method,
                                 host_state.variables(), inference, images,
                                 data.eval_labels["test"][indices], data.class_names)

@@ -76,10 +76,10 @@ from comtriplet_jax import configlib
 from comtriplet_jax import models
 from comtriplet_jax.clustering import prototypes as prototypes_lib
 from comtriplet_jax.data import augment
+from comtriplet_jax.data import eval_split
 from comtriplet_jax.data import pipeline
 from comtriplet_jax.evaluation import embedding_plot
 from comtriplet_jax.evaluation import metrics as metrics_lib
-from comtriplet_jax.losses import distances
 from comtriplet_jax.models import weights
 
 PyTree = Any
@@ -424,18 +424,10 @@ def embed_eval_split(embed_fn: Callable[[np.ndarray], jax.Array],
   Returns:
     [num_examples, F] float32 features, row i for the example of index i.
   """
-  feats, index = [], []
-  for batch in dataset.as_numpy_iterator():
-    images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
-    mask = batch["mask"].reshape(-1)
-    feats.append(np.asarray(embed_fn(images), np.float32)[mask])
-    index.append(batch["index"].reshape(-1)[mask])
-  feats, index = np.concatenate(feats), np.concatenate(index)
-  order = np.argsort(index, kind="stable")
-  if not np.array_equal(index[order], np.arange(num_examples)):
-    raise RuntimeError(f"embedded {index.size} examples of a split of {num_examples}: "
-                       "every example must appear exactly once")
-  return feats[order]
+  out, _ = eval_split.outputs(
+      lambda batch: {"features": np.asarray(embed_fn(batch["image"]), np.float32)},
+      dataset, num_examples=num_examples)
+  return out["features"]
 
 
 def _resolve_checkpoint(path: pathlib.Path) -> pathlib.Path:

@@ -23,21 +23,6 @@ import numpy as np
 from comtriplet_jax.evaluation import gradcam
 
 
-def first_examples(dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``count`` real examples of a padded evaluation split, in index order."""
-  images, indices = [], []
-  for batch in dataset.as_numpy_iterator():
-    mask = batch["mask"].reshape(-1)
-    flat = batch["image"].reshape((-1,) + batch["image"].shape[2:])
-    images.append(flat[mask])
-    indices.append(batch["index"].reshape(-1)[mask])
-    if sum(i.size for i in indices) >= count:
-      break
-  images, indices = np.concatenate(images), np.concatenate(indices)
-  order = np.argsort(indices)[:count]
-  return images[order], indices[order]
-
-
 def gradcam_grid(path: pathlib.Path, method, variables, method_state,
                  images: np.ndarray, labels: np.ndarray,
                  class_names: Sequence[str]) -> pathlib.Path:

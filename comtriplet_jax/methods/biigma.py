@@ -84,6 +84,7 @@ import numpy as np
 from comtriplet_jax import losses
 from comtriplet_jax import models
 from comtriplet_jax import parallel
+from comtriplet_jax.data import eval_split
 from comtriplet_jax.evaluation import gradcam
 from comtriplet_jax.methods import base
 from comtriplet_jax.models import biigma as biigma_model
@@ -523,20 +524,12 @@ def _off_diagonal_mean(matrix: np.ndarray) -> float:
 def _test_batches(data):
   """Unpadded (images uint8 [n, S, S, 3], labels [n]) of this process' test share."""
   labels_all = data.eval_labels["test"]
-  for batch in data.eval["test"].as_numpy_iterator():
-    images = np.asarray(batch["image"])
-    images = images.reshape((-1,) + images.shape[2:])
-    mask = np.asarray(batch["mask"]).reshape(-1)
-    index = np.asarray(batch["index"]).reshape(-1)[mask]
+  for batch in eval_split.padded_batches(data.eval["test"]):
+    mask = batch["mask"]
     if mask.any():
-      yield images[mask], labels_all[index]
+      yield batch["image"][mask], labels_all[batch["index"][mask]]
 
 
 def _first_test_images(data, n: int) -> tuple[np.ndarray, np.ndarray]:
-  images, labels = [], []
-  for batch_images, batch_labels in _test_batches(data):
-    images.append(batch_images)
-    labels.append(batch_labels)
-    if sum(len(x) for x in images) >= n:
-      break
-  return np.concatenate(images)[:n], np.concatenate(labels)[:n]
+  images, indices = eval_split.first_examples(data.eval["test"], n)
+  return images, data.eval_labels["test"][indices]

@@ -55,6 +55,7 @@ import numpy as np
 from comtriplet_jax import losses
 from comtriplet_jax import parallel
 from comtriplet_jax.clustering import prototypes
+from comtriplet_jax.data import eval_split
 from comtriplet_jax.data import triplets
 from comtriplet_jax.evaluation import gradcam
 from comtriplet_jax.evaluation import metrics as metrics_lib
@@ -322,14 +323,6 @@ class SDC(base.Method):
 
 def _embed_split(embed, variables, dataset) -> tuple[np.ndarray, np.ndarray]:
   """Embeddings [n, S] of a padded evaluation split and their example indices."""
-  embeddings, indices = [], []
-  for batch in dataset.as_numpy_iterator():
-    images = np.asarray(batch["image"])
-    images = images.reshape((-1,) + images.shape[2:])
-    mask = np.asarray(batch["mask"]).reshape(-1)
-    embeddings.append(np.asarray(embed(variables, images))[mask])
-    indices.append(np.asarray(batch["index"]).reshape(-1)[mask])
-  embeddings = np.concatenate(embeddings)
-  indices = np.concatenate(indices)
-  order = np.argsort(indices, kind="stable")
-  return embeddings[order], indices[order]
+  out, indices = eval_split.outputs(
+      lambda batch: {"embedding": embed(variables, batch["image"])}, dataset)
+  return out["embedding"], indices
