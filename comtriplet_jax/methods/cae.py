@@ -285,7 +285,7 @@ class CAE(base.Method):
     # scores, predictions, d_min, d_maj; the rows are (majority, minority).
     rows = method_state["prototypes"]
     return prototypes_lib.prototype_scores(codes, rows[1], rows[0],
-                                       distance=self.settings.distance)
+                                           distance=self.settings.distance)
 
   def heatmap_target(self, variables, method_state, images, *, class_index=None,
                      feature_delta=None):
