@@ -211,7 +211,7 @@ def predict(workdir: str, images: Sequence[str], *, out: str, batch_size: int = 
   scored = 0
   start = time.perf_counter()
   with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
+    writer = csv.writer(f, lineterminator="\n")
     header = None
     stream = read_images(paths, model.image_size, strict=strict, failures=failures)
     for batch in _batches(stream, batch_size):

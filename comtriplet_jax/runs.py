@@ -108,7 +108,7 @@ def write_predictions(workdir: pathlib.Path, listing, class_names,
   tmp = path.with_name(path.name + ".tmp")
   multi = len(class_names) > 2
   with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
+    writer = csv.writer(f, lineterminator="\n")
     score_columns = [f"p_{n}" for n in class_names] if multi else ["score"]
     writer.writerow(["image_id", "split", "label", *score_columns, "prediction"])
     for split, (scores, predictions) in scored.items():

@@ -60,3 +60,11 @@ def test_bad_files_are_named_with_the_line(tmp_path, lines, message):
 def test_a_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="split_file=.*nothing.csv"):
     split_file.read(tmp_path / "nothing.csv", IDS, TASK, CLASSES)
+
+
+def test_the_file_has_plain_newlines(tmp_path):
+  # Unix tools (grep ',test$', cut) read it as it is.
+  path = split_file.write(tmp_path / "s.csv", _listing(
+      {"train": np.array([0]), "test": np.array([4])}), CLASSES)
+  assert path.read_bytes() == (b"image_id,group_id,label,split\n"
+                               b"IMG_0,L0,nevus,train\nIMG_4,L3,melanoma,test\n")

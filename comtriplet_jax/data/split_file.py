@@ -51,7 +51,7 @@ def write(path: str | os.PathLike[str],
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
+    writer = csv.writer(f, lineterminator="\n")
     writer.writerow(COLUMNS)
     for split in SPLIT_NAMES:
       if split not in listing:
