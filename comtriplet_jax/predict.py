@@ -26,8 +26,8 @@ The output CSV has one row per image that could be read:
 
 An image that cannot be read or decoded is named on stderr and skipped; the
 others are still scored and the exit status is 1. ``--strict`` stops at the
-first such image instead. ``--heatmaps=DIR`` writes a Grad-CAM overlay per image
-(see :mod:`comtriplet_jax.evaluation.gradcam`).
+first such image instead. ``--heatmaps=DIR`` writes a Grad-CAM overlay per image, of the evidence for its
+predicted class (see :mod:`comtriplet_jax.evaluation.gradcam`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,10 @@ def read_images(paths: Iterable[pathlib.Path], image_size: int, *, strict: bool,
 
 
 class _Heatmaps:
-  """Writes ``<stem>_gradcam.png`` per image (BIIGMA-Net: also ``_attention``)."""
+  """Writes ``<stem>_gradcam.png`` per image (BIIGMA-Net: also ``_attention``).
+
+  Grad-CAM explains each image's predicted class at the operating point.
+  """
 
   def __init__(self, model, folder: str):
     import functools  # pylint: disable=g-import-not-at-top
@@ -143,10 +146,15 @@ class _Heatmaps:
     self.written.add(f"{stem}_{kind}")
     return self.folder / f"{stem}_{kind}.png"
 
-  def write(self, names: Sequence[pathlib.Path], images: np.ndarray) -> None:
+  def write(self, names: Sequence[pathlib.Path], images: np.ndarray,
+            classes: np.ndarray) -> None:
+    """Overlays for ``names``; ``images`` may be padded; ``classes``: the decisions."""
     from PIL import Image  # pylint: disable=g-import-not-at-top
     m = self.model
-    maps = {"gradcam": np.asarray(self.cam(m.variables, m.method_state, images).heatmap)}
+    explained = np.zeros(images.shape[0], np.int32)
+    explained[:len(classes)] = classes
+    maps = {"gradcam": np.asarray(self.cam(m.variables, m.method_state, images,
+                                           class_index=explained).heatmap)}
     if self.attention is not None:
       try:
         maps["attention"] = np.asarray(self.attention(m.variables, images))
@@ -238,7 +246,7 @@ def predict(workdir: str, images: Sequence[str], *, out: str, batch_size: int = 
         writer.writerow([str(name), *(f"{v:.6g}" for v in row),
                          model.class_names[int(label)]])
       if heatmap_writer is not None:
-        heatmap_writer.write(names, padded)
+        heatmap_writer.write(names, padded, np.asarray(labels))
       scored += len(batch)
       print(f"predict: {_eta(scored + len(failures), len(paths), time.perf_counter() - start)}",
             file=progress)

@@ -518,10 +518,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            {split: scored[:2] for split, scored in final.items()})
     if config.heatmap_images > 0:
       images, indices = eval_split.first_examples(data.eval["test"],
-                                                  config.heatmap_images)
+                                                  8 * config.heatmap_images)
+      labels = data.eval_labels["test"][indices]
+      chosen = run_pictures.balanced_selection(labels, config.heatmap_images)
       run_pictures.gradcam_grid(workdir / "gradcam_test.png", method,
-                                host_state.variables(), inference, images,
-                                data.eval_labels["test"][indices], data.class_names)
+                                host_state.variables(), inference, images[chosen],
+                                labels[chosen], data.class_names)
     if "operating_points" in decisions:
       run_pictures.plot_roc(workdir / "roc_test.png", data.eval_labels["test"],
                             final["test"][0], decisions["operating_points"])

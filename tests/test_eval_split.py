@@ -54,3 +54,10 @@ def test_first_examples_are_those_of_lowest_index_in_the_first_batches():
   np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 3, 6])
   _, indices = eval_split.first_examples(_padded_split([4, 0, 6, 2, 1, 5, 3]), 7)
   np.testing.assert_array_equal(indices, np.arange(7))
+
+
+def test_the_picture_grid_takes_the_classes_in_turn():
+  from comtriplet_jax.evaluation import run_pictures  # pylint: disable=g-import-not-at-top
+  labels = np.array([0, 0, 0, 1, 0, 2, 1, 0])
+  np.testing.assert_array_equal(run_pictures.balanced_selection(labels, 4), [0, 1, 3, 5])
+  np.testing.assert_array_equal(run_pictures.balanced_selection(labels, 20), np.arange(8))

@@ -1,9 +1,9 @@
 """Pictures of a finished run's selected model, and their copy in TensorBoard.
 
-* ``gradcam_test.png``: the first test images with their Grad-CAM overlays
-  (:mod:`~comtriplet_jax.evaluation.gradcam`; the target is each method's own:
-  the class logit, or the prototype score d_maj - d_min), titled with the label,
-  the prediction and the score;
+* ``gradcam_test.png``: test images, the classes in turn, with the Grad-CAM
+  of their predicted class (:mod:`~comtriplet_jax.evaluation.gradcam`; the
+  class logit, or the prototype score towards the predicted prototype), titled
+  with the label, the prediction and the score;
 * ``roc_test.png`` (binary tasks): the test ROC curve with the operating points
   chosen on validation marked on it;
 * every PNG of the run's folder (these and the method's own: embeddings,
@@ -23,22 +23,43 @@ import numpy as np
 from comtriplet_jax.evaluation import gradcam
 
 
+def balanced_selection(labels: np.ndarray, count: int) -> np.ndarray:
+  """Positions of up to ``count`` examples, taking the classes in turn.
+
+  A grid of the first test images of a 1-in-7 task shows only the majority
+  class; this takes the first example of each class, then the second, ...
+  """
+  queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+  picked: list[int] = []
+  while len(picked) < count and any(queues):
+    for queue in queues:
+      if queue and len(picked) < count:
+        picked.append(queue.pop(0))
+  return np.sort(np.asarray(picked, np.int64))
+
+
 def gradcam_grid(path: pathlib.Path, method, variables, method_state,
                  images: np.ndarray, labels: np.ndarray,
                  class_names: Sequence[str]) -> pathlib.Path:
-  """Grad-CAM of the method's target on ``images``, drawn as a grid."""
+  """Grad-CAM of the evidence for each image's predicted class, drawn as a grid.
+
+  The class explained is the method's own prediction (its logit, or for the
+  prototype methods the score towards the predicted prototype), so the map
+  shows what the decision rests on.
+  """
+  predicted = jax.jit(method.predict)(variables, method_state, images)
+  predictions = np.asarray(predicted["predictions"])
+  scores = np.asarray(predicted["scores"])
   cam = jax.jit(functools.partial(gradcam.method_grad_cam, method))(
-      variables, method_state, images)
-  scores = np.asarray(jax.jit(method.predict)(variables, method_state, images)["scores"])
+      variables, method_state, images, class_index=predictions)
   titles = []
-  for label, score in zip(labels, scores):
-    predicted = (int(np.argmax(score)) if np.ndim(score) else None)
-    what = (f"pred {class_names[predicted]}" if predicted is not None
-            else f"score {float(score):.3f}")
-    titles.append(f"{class_names[int(label)]}, {what}")
+  for label, prediction, score in zip(labels, predictions, scores):
+    what = f", score {float(score):.3f}" if np.ndim(score) == 0 else ""
+    titles.append(f"{class_names[int(label)]} -> {class_names[int(prediction)]}{what}")
   return gradcam.plot_gradcam_grid(
       path, images, np.asarray(cam.heatmap), titles=titles,
-      title=f"Grad-CAM of the selected model ({type(method).__name__}), test images")
+      title=f"Grad-CAM of the predicted class ({type(method).__name__}), test images: "
+            "true -> predicted")
 
 
 def plot_roc(path: pathlib.Path, labels: np.ndarray, scores: np.ndarray,
