@@ -19,8 +19,10 @@ The output CSV has one row per image that could be read:
   or d_maj - d_min for the prototype methods, whose rows also give ``d_min``
   and ``d_maj``, the cosine distances to the minority and majority
   prototypes), and ``prediction``, the class at the operating point
-  (``--operating_point``, default the run's ``config.operating_point``; the
-  thresholds were chosen on the run's validation split);
+  (``--operating_point``, default the run's ``config.operating_point``; every
+  threshold is chosen on the run's validation split: the three of
+  ``results.json`` when the run ended, any other target from the validation
+  scores in its ``predictions.csv``);
 * multi-class tasks: ``p_<class>`` per class (``--calibrated``: with the
   temperature fitted on validation) and ``prediction``, the argmax.
 

@@ -206,13 +206,31 @@ class TrainedModel:
       # No validation split to choose on: the method's own rule, strict as
       # choose_threshold's 'paper' (score > boundary <=> score >= next float).
       return float(np.nextafter(np.float64(self.card["decision_boundary"]), np.inf))
-    if rule not in thresholds:
-      raise ValueError(
-          f"{self.workdir / MODEL_FILE} has no operating point {rule!r}; it has "
-          f"{sorted(thresholds) or 'none (a multi-class run, or no validation split)'}"
-          "; the rules are chosen on validation when a run ends, so a new rule "
-          "needs a new run")
-    return float(thresholds[rule])
+    if rule in thresholds:
+      return float(thresholds[rule])
+    if not thresholds:
+      raise ValueError(f"{self.workdir / MODEL_FILE} has no operating points (a "
+                       "multi-class run, or a run without a validation split)")
+    # Another rule (e.g. sensitivity=0.95): chosen now on the run's validation
+    # scores, as the run's own rules were.
+    labels, scores = self.validation_scores()
+    return operating_points.choose_threshold(
+        labels, scores, rule, paper_threshold=self.card["decision_boundary"])
+
+  def validation_scores(self) -> tuple[np.ndarray, np.ndarray]:
+    """Task labels and binary scores of the validation split, from ``predictions.csv``."""
+    path = self.workdir / PREDICTIONS_FILE
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} is missing: the run's validation scores choose "
+                              "operating points")
+    names = self.class_names
+    labels, scores = [], []
+    with open(path, newline="") as f:
+      for row in csv.DictReader(f):
+        if row["split"] == "validation":
+          labels.append(names.index(row["label"]))
+          scores.append(float(row["score"]))
+    return np.asarray(labels), np.asarray(scores)
 
   def decide(self, scores: np.ndarray, rule: str | None = None) -> np.ndarray:
     """Predicted task labels: a threshold (binary) or the argmax (multi-class)."""

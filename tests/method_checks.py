@@ -67,6 +67,9 @@ def kill_and_resume(config, workdir: pathlib.Path, *, kill_at_batch: int) -> dic
   scheduler's signal raises) when a fresh run asks for that batch; the second
   call finds the checkpoints and continues. Returns the resumed run's results.
   """
+  # The pictures of the final report are not what a resume is checked on.
+  config = config.copy_and_resolve_references()
+  config.heatmap_images = 0
   method_cls = methods.get_method(config.method)
   real_stream = method_cls.train_stream
   starts = []

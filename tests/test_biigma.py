@@ -504,7 +504,7 @@ def _e2e_config(fake_ham, data_dir, **overrides):
   config.update(dict(manual_dir=str(fake_ham), tfds_data_dir=str(data_dir),
                      batch_size=8, eval_batch_size=8, num_train_steps=3,
                      eval_every_steps=3, log_every_steps=1,
-                     checkpoint_every_steps=3))
+                     checkpoint_every_steps=3, heatmap_images=0))
   config.update(overrides)
   return config
 

@@ -40,7 +40,7 @@ def tiny_classifier(fake_ham, data_dir, **overrides):
       method="classifier", manual_dir=str(fake_ham), tfds_data_dir=str(data_dir),
       image_size=32, backbone="tiny_vgg", batch_size=8, eval_batch_size=8,
       learning_rate=1e-3, num_train_steps=2, log_every_steps=1, eval_every_steps=2,
-      checkpoint_every_steps=2))
+      checkpoint_every_steps=2, heatmap_images=0))
   config.update(overrides)
   return config
 
@@ -144,7 +144,7 @@ def _command(fake_ham, data_dir, workdir):
   overrides = dict(manual_dir=fake_ham, tfds_data_dir=data_dir, image_size=32,
                    backbone="tiny_vgg", batch_size=8, eval_batch_size=8,
                    learning_rate=0.001, num_train_steps=6, log_every_steps=1,
-                   eval_every_steps=3, checkpoint_every_steps=3)
+                   eval_every_steps=3, checkpoint_every_steps=3, heatmap_images=0)
   return [sys.executable, "-m", "comtriplet_jax.main",
           "--config=configs/classifier.py", f"--workdir={workdir}",
           *(f"--config.{k}={v}" for k, v in overrides.items())]

@@ -67,8 +67,18 @@ def test_a_run_loads_as_a_model(run):
   assert model.threshold() == results["operating_points"]["youden"]["threshold"]
   scores = np.array([0.1, 0.5, 0.9])
   np.testing.assert_array_equal(model.decide(scores, "paper"), [0, 0, 1])
-  with pytest.raises(ValueError, match="no operating point 'sensitivity=0.5'"):
-    model.threshold("sensitivity=0.5")
+  # Another target is chosen on the validation rows of predictions.csv, as the
+  # run's own rules were.
+  rows = [r for r in csv.DictReader(open(run / "predictions.csv"))
+          if r["split"] == "validation"]
+  val_y = np.array([r["label"] == "melanoma" for r in rows], int)
+  val_s = np.array([float(r["score"]) for r in rows])
+  t = model.threshold("sensitivity=0.5")
+  assert t in val_s and np.mean(val_s[val_y == 1] >= t) >= 0.5
+  above = val_s[val_s > t]
+  if above.size:   # the highest such cut: the next one up falls short
+    assert np.mean(val_s[val_y == 1] >= above.min()) < 0.5
+  assert model.threshold("youden") == results["operating_points"]["youden"]["threshold"]
 
 
 def test_predict_reads_folders_globs_and_csv_lists_and_names_bad_images(

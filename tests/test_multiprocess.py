@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # with the order of the cross-device sums, are not scaled up to full-size steps.
 COMMON = dict(image_size=32, backbone="tiny_resnet", batch_size=8, eval_batch_size=8,
               learning_rate=1e-3, adam_eps=1e-3, num_train_steps=3, log_every_steps=1,
-              eval_every_steps=3, checkpoint_every_steps=3)
+              eval_every_steps=3, checkpoint_every_steps=3, heatmap_images=0)
 RUNS = {
     # DA: per-device augmentation keys from the global device index.
     "sdc": ("sdc.py", "strategy=DA", {"sdc.embedding_size": 16,

@@ -71,7 +71,7 @@ def test_tiny_study_runs_reports_and_resumes(fake_ham, tmp_path):
       "image_size=32", "backbone=tiny_vgg", "batch_size=8", "eval_batch_size=8",
       "num_train_steps=2", "eval_every_steps=2", "checkpoint_every_steps=2",
       "sdc.embedding_size=8", "sdc.embedding_plot=False",
-      "sdc.feature_selection=none"])
+      "sdc.feature_selection=none", "heatmap_images=0"])
   out = tmp_path / "study"
   lines = []
   report = reproduce.run_study(out, preset="smoke", seeds=2, only=["C1", "C5"],

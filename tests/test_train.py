@@ -28,7 +28,7 @@ def make_config(fake_ham, data_dir, **overrides):
       tfds_data_dir=str(data_dir), task="melanoma_vs_nevus", image_size=32,
       backbone="tiny_resnet", batch_size=8, eval_batch_size=8, learning_rate=1e-3,
       num_train_steps=6, log_every_steps=2, eval_every_steps=3,
-      checkpoint_every_steps=3))
+      checkpoint_every_steps=3, heatmap_images=0))
   config.update(overrides)
   return config
 
@@ -45,7 +45,7 @@ def _final_params(workdir: pathlib.Path):
 
 
 def test_train_evaluate_writes_everything(fake_ham, data_dir, tmp_path):
-  config = make_config(fake_ham, data_dir)
+  config = make_config(fake_ham, data_dir, heatmap_images=8)
   results = train.train_and_evaluate(config, str(tmp_path))
   assert set(results) >= {"validation", "test", "best_step"}
   written = json.loads((tmp_path / "results.json").read_text())
