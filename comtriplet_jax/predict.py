@@ -218,6 +218,27 @@ def predict(workdir: str, images: Sequence[str], *, out: str, batch_size: int = 
   failures: list[tuple[pathlib.Path, str]] = []
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_path.with_name(out_path.name + ".tmp")
+  try:
+    _write_predictions(tmp, model, paths, batch_size=batch_size,
+                       operating_point=operating_point, calibrated=calibrated,
+                       strict=strict, failures=failures, heatmaps=heatmap_writer,
+                       progress=progress)
+  except BaseException:
+    tmp.unlink(missing_ok=True)     # --strict, Ctrl-C: no partial output
+    raise
+  tmp.replace(out_path)
+  return {"scored": _count_rows(out_path), "failed": failures, "out": str(out_path)}
+
+
+def _count_rows(path: pathlib.Path) -> int:
+  with open(path, newline="") as f:
+    return max(0, sum(1 for _ in csv.reader(f)) - 1)
+
+
+def _write_predictions(tmp: pathlib.Path, model, paths, *, batch_size: int,
+                       operating_point, calibrated: bool, strict: bool,
+                       failures: list, heatmaps, progress) -> None:
+  binary = len(model.class_names) == 2
   scored = 0
   start = time.perf_counter()
   with open(tmp, "w", newline="") as f:
@@ -247,15 +268,13 @@ def predict(workdir: str, images: Sequence[str], *, out: str, batch_size: int = 
       for name, row, label in zip(names, values, labels):
         writer.writerow([str(name), *(f"{v:.6g}" for v in row),
                          model.class_names[int(label)]])
-      if heatmap_writer is not None:
-        heatmap_writer.write(names, padded, np.asarray(labels))
+      if heatmaps is not None:
+        heatmaps.write(names, padded, np.asarray(labels))
       scored += len(batch)
       print(f"predict: {_eta(scored + len(failures), len(paths), time.perf_counter() - start)}",
             file=progress)
     if header is None:
       writer.writerow(["path", "score", "prediction"])
-  tmp.replace(out_path)
-  return {"scored": scored, "failed": failures, "out": str(out_path)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

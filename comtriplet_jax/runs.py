@@ -178,6 +178,7 @@ class TrainedModel:
   variables: dict[str, Any]
   method_state: Any
   _predict: Callable | None = None
+  _thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def class_names(self) -> list[str]:
@@ -201,6 +202,11 @@ class TrainedModel:
   def threshold(self, rule: str | None = None) -> float:
     """The threshold of an operating point ('paper', 'youden', 'sensitivity=…')."""
     rule = rule or self.card["operating_point"]
+    if rule not in self._thresholds:
+      self._thresholds[rule] = self._threshold(rule)
+    return self._thresholds[rule]
+
+  def _threshold(self, rule: str) -> float:
     thresholds = self.card.get("thresholds", {})
     if rule == "paper" and rule not in thresholds:
       # No validation split to choose on: the method's own rule, strict as

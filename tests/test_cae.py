@@ -36,6 +36,7 @@ def tiny_config(**overrides):
   config.batch_size = 8
   config.eval_batch_size = 8
   config.learning_rate = 3e-3
+  config.heatmap_images = 0   # the CAE's Grad-CAM is checked in test_gradcam.py
   config.update(overrides)
   return config
 

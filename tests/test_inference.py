@@ -34,7 +34,7 @@ def run(fake_ham, tmp_path_factory):
       tfds_data_dir=str(tmp_path_factory.mktemp("tfds")), image_size=32,
       backbone="tiny_vgg", batch_size=8, eval_batch_size=8, learning_rate=1e-3,
       num_train_steps=4, log_every_steps=2, eval_every_steps=2,
-      checkpoint_every_steps=2, operating_point="youden"))
+      checkpoint_every_steps=2, operating_point="youden", heatmap_images=0))
   workdir = tmp_path_factory.mktemp("run")
   train.train_and_evaluate(config, str(workdir))
   return workdir
@@ -127,6 +127,7 @@ def test_predict_reads_folders_globs_and_csv_lists_and_names_bad_images(
   assert predict.main([f"--workdir={run}", str(folder), f"--out={strict_out}",
                        "--strict"]) == 2
   assert "broken.jpg" in capsys.readouterr().err and not strict_out.exists()
+  assert not list(tmp_path.glob("strict.csv*")), "a partial file was left"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -319,7 +319,7 @@ def test_fine_tune_from_converted_checkpoint(fake_ham, tmp_path, monkeypatch, ca
       normalization="backbone", backbone=FINE_TUNE_BACKBONE, init_from="imagenet",
       batch_size=8, eval_batch_size=8, learning_rate=learning_rate,
       num_train_steps=steps, log_every_steps=1, eval_every_steps=steps,
-      checkpoint_every_steps=steps))
+      checkpoint_every_steps=steps, heatmap_images=0))
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   # Every test image is scored once (the metrics themselves are checked elsewhere).
   assert sum(map(sum, results["test"]["confusion_matrix"])) == (

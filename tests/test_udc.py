@@ -48,7 +48,7 @@ def make_config(fake_ham=None, data_dir=None, arg=None, **overrides):
       manual_dir=str(fake_ham or ""), tfds_data_dir=str(data_dir or ""),
       image_size=32, backbone="tiny_vgg", batch_size=4, eval_batch_size=8,
       learning_rate=1e-3, num_train_steps=4, log_every_steps=2, eval_every_steps=2,
-      checkpoint_every_steps=2))
+      checkpoint_every_steps=2, heatmap_images=0))
   config.udc.embedding_size = 8
   config.update(overrides)
   return config
