@@ -158,17 +158,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def check_operating_point(rule: str, where: str = "config.operating_point") -> None:
-  """Rejects a rule that is not 'paper', 'youden' or 'sensitivity=X', X in (0, 1]."""
-  if rule in ("paper", "youden"):
-    return
-  name, sep, value = str(rule).partition("=")
+  """Rejects a rule that is not 'paper', 'youden' or 'sensitivity=X', X in (0, 1].
+
+  The rules are parsed in one place, ``operating_points.parse_rule``; this names
+  the field that holds the rule.
+  """
+  from comtriplet_jax.evaluation import operating_points  # pylint: disable=g-import-not-at-top
   try:
-    target = float(value)
-  except ValueError:
-    target = None
-  if name != "sensitivity" or not sep or target is None or not 0.0 < target <= 1.0:
-    raise ValueError(f"{where}={rule!r} is not allowed; choose paper, youden or "
-                     "sensitivity=X with X in (0, 1], e.g. sensitivity=0.90")
+    operating_points.parse_rule(rule)
+  except ValueError as e:
+    raise ValueError(f"{where}={rule!r} is not allowed: {e}") from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -85,7 +85,6 @@ def evaluate_run(workdir: str, dataset: str, *, manual_dir: str | None = None,
   from comtriplet_jax.data import builders  # pylint: disable=g-import-not-at-top
   from comtriplet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from comtriplet_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  from comtriplet_jax.evaluation import operating_points  # pylint: disable=g-import-not-at-top
   if operating_point is not None:
     configlib.check_operating_point(operating_point, "--operating_point")
   model = runs.load_run(workdir)
@@ -143,8 +142,7 @@ def evaluate_run(workdir: str, dataset: str, *, manual_dir: str | None = None,
     rule = operating_point or model.card["operating_point"]
     result["operating_point"] = {
         "rule": rule, "threshold": threshold, "chosen_on": "the run's validation split",
-        "metrics": metrics.classification_metrics(
-            y, operating_points.apply_threshold(scores, threshold), num_classes=2)}
+        "metrics": metrics.classification_metrics(y, predictions, num_classes=2)}
     if np.unique(y).size == 2:
       fpr, tpr, thresholds = skm.roc_curve(y, scores)
       result["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),

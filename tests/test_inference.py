@@ -203,3 +203,11 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused(run, tmp_path):
   with pytest.raises(ValueError, match=r"best_checkpoint/\d+'s params do not fit the "
                      r"model that .*config.json builds: missing \['backbone/"):
     runs.load_run(copy)
+
+
+@pytest.mark.parametrize("rule", ["best", "sensitivity=1.5", "sensitivity", "youden=1"])
+def test_a_bad_operating_point_in_the_config_names_the_field(rule):
+  config = configlib.base_config()
+  config.operating_point = rule
+  with pytest.raises(ValueError, match=r"config.operating_point=.* is not allowed: "):
+    configlib.validate(config)
